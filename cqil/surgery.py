@@ -1,0 +1,183 @@
+"""Rewrite a loaded transformers causal LM so that the layers of each planned group run in parallel.
+
+The surgery replaces entries of ``model.model.layers`` with :class:`~cqil.group.ParallelGroup`
+modules (one per *effective* layer) and leaves everything else — embeddings, ungrouped layers,
+final norm, LM head, the model class itself — untouched. The plan and options are recorded in
+``model.config.cqil`` so that an export can rebuild the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cqil.group import BYPASS_MODES, FORMS, GATE_KINDS, GATE_SHAPES, BranchGroup, MergedGroup, ParallelGroup
+from cqil.plan import GroupPlan
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``model`` is one of the supported transformers causal LMs."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if not names & set(SUPPORTED_ARCHITECTURES):
+        raise ValueError(
+            f"{type(model).__name__} is not supported; supported model classes: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def is_parallelized(model: nn.Module) -> bool:
+    return getattr(model.config, "cqil", None) is not None
+
+
+def _check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def parallelize(
+    model: nn.Module,
+    plan: str | Sequence[Sequence[int]] | GroupPlan,
+    *,
+    bypass: str = "lp",
+    bypass_distance: int = 1,
+    gates: str = "learned",
+    gate_shape: str = "scalar",
+    form: str = "merged",
+) -> nn.Module:
+    """Rewrite ``model`` in place so that every group of ``plan`` runs as one parallel layer.
+
+    Args:
+        model: a loaded ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+            ``Qwen3ForCausalLM``.
+        plan: a :class:`GroupPlan`, a ``"S-E:P"`` spec, or a list of layer-index lists.
+        bypass: ``"lp"`` (G = 1: every MLP reads the sum of all attention outputs),
+            ``"none"`` (G = 0: independent branches) or ``"cqil"`` (G[j,k] = 1 for the
+            ``bypass_distance`` branches before j).
+        bypass_distance: how many preceding branches feed each MLP under ``"cqil"``.
+        gates: ``"learned"`` (``nn.Parameter`` initialised to the mode's G) or ``"fixed"`` (buffers).
+        gate_shape: ``"scalar"`` (one gate per branch pair) or ``"channel"`` (one per hidden channel).
+        form: ``"merged"`` (fused wide projections) or ``"branches"`` (original modules, branch by branch).
+
+    Returns:
+        The same ``model`` object, rewritten.
+    """
+    check_supported(model)
+    if is_parallelized(model):
+        raise ValueError("model is already parallelized (config.cqil is set); load the original model again")
+    _check_choice("bypass", bypass, BYPASS_MODES)
+    _check_choice("gates", gates, GATE_KINDS)
+    _check_choice("gate_shape", gate_shape, GATE_SHAPES)
+    _check_choice("form", form, FORMS)
+    if isinstance(bypass_distance, bool) or not isinstance(bypass_distance, int) or bypass_distance < 1:
+        raise ValueError(f"bypass_distance must be a positive integer, got {bypass_distance!r}")
+
+    config = model.config
+    layers = list(model.model.layers)
+    num_layers = len(layers)
+    plan = GroupPlan.parse(plan, num_layers)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    for group in plan.groups:
+        kinds = {layer_types[i] for i in group} if layer_types else set()
+        if len(kinds) > 1:
+            raise ValueError(
+                f"group {list(group)} mixes attention types {sorted(kinds)}; group layers of one type"
+            )
+
+    options = dict(bypass=bypass, bypass_distance=bypass_distance, gates=gates, gate_shape=gate_shape)
+    grouped = set(plan.groups)
+    new_layers: list[nn.Module] = []
+    for layer_idx, indices in enumerate(plan.effective_layers()):
+        originals = [layers[i] for i in indices]
+        if indices not in grouped:
+            _set_layer_idx(originals[0], layer_idx)
+            new_layers.append(originals[0])
+            continue
+        attn = originals[0].self_attn
+        # Mistral reads its window from the config; Qwen2/3 set it per layer on the attention.
+        sliding_window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+        kw = dict(options, sliding_window=sliding_window)
+        # A single layer has nothing to fuse: run it through its own modules so that it stays bit-exact.
+        if form == "branches" or len(indices) == 1:
+            new_layers.append(BranchGroup(originals, config, layer_idx, indices, **kw))
+        else:
+            new_layers.append(MergedGroup.from_layers(originals, config, layer_idx, indices, **kw))
+
+    model.model.layers = nn.ModuleList(new_layers)
+    config.cqil = {
+        "plan": plan.to_dict(),
+        "bypass": bypass,
+        "bypass_distance": bypass_distance,
+        "gates": gates,
+        "gate_shape": gate_shape,
+        "form": form,
+        "num_hidden_layers_original": num_layers,
+        "layer_types_original": layer_types or None,
+    }
+    config.num_hidden_layers = len(new_layers)
+    if layer_types:
+        config.layer_types = [layer_types[indices[0]] for indices in plan.effective_layers()]
+    _capture_group_hidden_states(model)
+    return model
+
+
+def _set_layer_idx(layer: nn.Module, layer_idx: int) -> None:
+    # The KV cache is indexed by effective layer; an ungrouped layer after a group moves down.
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = layer_idx
+
+
+def _capture_group_hidden_states(model: nn.Module) -> None:
+    """Make ``output_hidden_states=True`` return one state per effective layer.
+
+    transformers records hidden states with forward hooks on modules of the model's own
+    decoder-layer class; groups are not of that class, so they get the same hook here.
+    """
+    try:
+        from transformers.utils.output_capturing import (
+            install_output_capuring_hook,
+            maybe_install_capturing_hooks,
+        )
+    except ImportError:  # an older or newer transformers without hook-based capture
+        return
+    maybe_install_capturing_hooks(model.model)
+    for layer in model.model.layers:
+        if isinstance(layer, ParallelGroup):
+            install_output_capuring_hook(layer, "hidden_states", 0)
+
+
+def parallel_groups(model: nn.Module) -> list[ParallelGroup]:
+    return [layer for layer in model.model.layers if isinstance(layer, ParallelGroup)]
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a recovery trains: every layer inside a group and the learned gates, by name."""
+    groups = {id(g) for g in parallel_groups(model)}
+    if not groups and not is_parallelized(model):
+        raise ValueError("model is not parallelized: call cqil.parallelize first")
+    out: dict[str, nn.Parameter] = {}
+    prefix = _layers_prefix(model)
+    for idx, layer in enumerate(model.model.layers):
+        if id(layer) in groups:
+            for name, param in layer.named_parameters():
+                out[f"{prefix}.{idx}.{name}"] = param
+    return out
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    layers = model.model.layers
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise RuntimeError("model.model.layers is not a submodule of the model")
+
+
+@torch.no_grad()
+def gate_values(model: nn.Module) -> dict[int, torch.Tensor]:
+    """The effective gate matrix G of every group with gates, keyed by effective layer index."""
+    return {
+        g.layer_idx: g.gate_matrix().detach().cpu() for g in parallel_groups(model) if g.gates is not None
+    }
