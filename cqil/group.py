@@ -154,17 +154,18 @@ class ParallelGroup(GradientCheckpointingLayer):
                 self.gates = nn.Parameter(init)
             else:
                 self.register_buffer("gates", init, persistent=True)
-        self.register_buffer("gate_mask", mask.to(device), persistent=False)
+        # Shaped to broadcast against the gates; the diagonal (a branch's own a_j) is always 1.
+        extra = (1,) if gate_shape == "channel" else ()
+        self.register_buffer("gate_mask", mask.reshape(mask.shape + extra).to(device), persistent=False)
+        eye = torch.eye(self.degree, dtype=dtype, device=device).reshape(mask.shape + extra)
+        self.register_buffer("gate_eye", eye, persistent=False)
 
     # ----------------------------------------------------------------- gates
     def gate_matrix(self) -> torch.Tensor | None:
         """G with the unconnected entries zeroed and the diagonal set to 1 (the branch's own a_j)."""
         if self.gates is None:
             return None
-        mask = self.gate_mask.reshape(self.gate_mask.shape + (1,) * (self.gates.dim() - 2))
-        eye = torch.eye(self.degree, dtype=self.gates.dtype, device=self.gates.device)
-        eye = eye.reshape(eye.shape + (1,) * (self.gates.dim() - 2))
-        return torch.where(mask, self.gates, eye)
+        return torch.where(self.gate_mask, self.gates, self.gate_eye)
 
     def _mlp_inputs(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """u_j = x + a_j + sum_{k != j} G[j,k] a_k for every branch: (P, B, T, D)."""
@@ -272,31 +273,42 @@ class BranchGroup(ParallelGroup):
 
 
 class MergedGroup(ParallelGroup):
-    """The fused form: one wide attention and one wide (or branch-batched) MLP per group."""
+    """The fused form: one wide attention and one wide (or per-branch) MLP per group.
+
+    Weights (rows are output features, "branch-major" means branch 1's rows, then branch 2's, ...):
+
+    - ``qkv_proj``: [q of all branches; k of all branches; v of all branches], each branch-major,
+      with branch j's input-norm weight folded into its columns;
+    - ``o_proj``: the branches' o_proj weights side by side (columns), so one matmul sums them;
+      ``o_bias`` (P, D) keeps each branch's bias apart because the bypass needs every a_j;
+    - ``q_norm``/``k_norm`` (P, head_dim): per-branch head norms (Qwen3);
+    - ``gate_up_proj``: [gate_1; up_1; gate_2; up_2; ...], post-attention norms folded in, so a
+      branch's gate and up rows are one contiguous block;
+    - ``down_proj``: the branches' down_proj weights side by side and their biases summed
+      (only sum_j m_j is ever used).
+
+    Fusing q/k/v and gate/up makes one matmul where the original layers run three and two per
+    branch: the merged form is never slower than the layers it replaces.
+    """
 
     form = "merged"
 
     def __init__(self, config, layer_idx: int, original_indices, *, dtype, device, bias: dict, **kw) -> None:
         super().__init__(config, layer_idx, original_indices, dtype=dtype, device=device, **kw)
         p, d, hd = self.degree, config.hidden_size, self.head_dim
-        inter = config.intermediate_size
+        self.intermediate_size = config.intermediate_size
+        self.q_width, self.kv_width = p * self.num_heads * hd, p * self.num_kv_heads * hd
         make = dict(dtype=dtype, device=device)
-        self.q_proj = nn.Linear(d, p * self.num_heads * hd, bias=bias["qkv"], **make)
-        self.k_proj = nn.Linear(d, p * self.num_kv_heads * hd, bias=bias["qkv"], **make)
-        self.v_proj = nn.Linear(d, p * self.num_kv_heads * hd, bias=bias["qkv"], **make)
-        # o_proj's columns concatenate the branches, so one matmul sums them; the per-branch
-        # biases stay apart because the bypass needs each branch's own a_j.
-        self.o_proj = nn.Linear(p * self.num_heads * hd, d, bias=False, **make)
+        self.qkv_proj = nn.Linear(d, self.q_width + 2 * self.kv_width, bias=bias["qkv"], **make)
+        self.o_proj = nn.Linear(self.q_width, d, bias=False, **make)
         self.o_bias = nn.Parameter(torch.zeros(p, d, **make)) if bias["o"] else None
         if bias["qk_norm"]:
             self.q_norm = nn.Parameter(torch.ones(p, hd, **make))
             self.k_norm = nn.Parameter(torch.ones(p, hd, **make))
         else:
             self.q_norm = self.k_norm = None
-        self.gate_proj = nn.Linear(d, p * inter, bias=bias["mlp"], **make)
-        self.up_proj = nn.Linear(d, p * inter, bias=bias["mlp"], **make)
-        # Only sum_j m_j is ever used, so down_proj sums the branches and their biases at once.
-        self.down_proj = nn.Linear(p * inter, d, bias=bias["mlp"], **make)
+        self.gate_up_proj = nn.Linear(d, 2 * p * self.intermediate_size, bias=bias["mlp"], **make)
+        self.down_proj = nn.Linear(p * self.intermediate_size, d, bias=bias["mlp"], **make)
         self.act_fn = ACT2FN[config.hidden_act]
 
     @classmethod
@@ -315,39 +327,31 @@ class MergedGroup(ParallelGroup):
         }
         group = cls(config, layer_idx, original_indices, dtype=w.dtype, device=w.device, bias=bias, **kw)
 
-        def fold(linear: nn.Linear, norm_weight: torch.Tensor) -> torch.Tensor:
-            return linear.weight * norm_weight[None, :].to(linear.weight.dtype)
+        def folded(linear: nn.Linear, norm: nn.Module) -> torch.Tensor:
+            return linear.weight * norm.weight[None, :].to(linear.weight.dtype)
 
-        def cat_into(target: nn.Linear, weights, biases, dim: int = 0) -> None:
-            target.weight.copy_(torch.cat(weights, dim=dim))
-            if target.bias is not None:
-                target.bias.copy_(torch.cat(biases) if dim == 0 else torch.stack(biases).sum(0))
-
-        ln = [layer.input_layernorm.weight for layer in layers]
-        post = [layer.post_attention_layernorm.weight for layer in layers]
-        att = [layer.self_attn for layer in layers]
-        mlp = [layer.mlp for layer in layers]
-        for name in ("q_proj", "k_proj", "v_proj"):
-            lins = [getattr(a, name) for a in att]
-            cat_into(
-                getattr(group, name),
-                [fold(li, n) for li, n in zip(lins, ln, strict=True)],
-                [li.bias for li in lins],
-            )
-        group.o_proj.weight.copy_(torch.cat([a.o_proj.weight for a in att], dim=1))
-        if group.o_bias is not None:
-            group.o_bias.copy_(torch.stack([a.o_proj.bias for a in att]))
-        if group.q_norm is not None:
-            group.q_norm.copy_(torch.stack([a.q_norm.weight for a in att]))
-            group.k_norm.copy_(torch.stack([a.k_norm.weight for a in att]))
-        for name in ("gate_proj", "up_proj"):
-            lins = [getattr(m, name) for m in mlp]
-            cat_into(
-                getattr(group, name),
-                [fold(li, n) for li, n in zip(lins, post, strict=True)],
-                [li.bias for li in lins],
-            )
-        cat_into(group.down_proj, [m.down_proj.weight for m in mlp], [m.down_proj.bias for m in mlp], dim=1)
+        att = [(layer.self_attn, layer.input_layernorm) for layer in layers]
+        mlp = [(layer.mlp, layer.post_attention_layernorm) for layer in layers]
+        qkv = [getattr(a, name) for name in ("q_proj", "k_proj", "v_proj") for a, _ in att]
+        norms = [n for _ in range(3) for _, n in att]
+        group.qkv_proj.weight.copy_(torch.cat([folded(li, n) for li, n in zip(qkv, norms, strict=True)]))
+        gate_up = [getattr(m, name) for m, _ in mlp for name in ("gate_proj", "up_proj")]
+        norms = [n for _, n in mlp for _ in range(2)]
+        group.gate_up_proj.weight.copy_(
+            torch.cat([folded(li, n) for li, n in zip(gate_up, norms, strict=True)])
+        )
+        group.o_proj.weight.copy_(torch.cat([a.o_proj.weight for a, _ in att], dim=1))
+        group.down_proj.weight.copy_(torch.cat([m.down_proj.weight for m, _ in mlp], dim=1))
+        if bias["qkv"]:
+            group.qkv_proj.bias.copy_(torch.cat([li.bias for li in qkv]))
+        if bias["o"]:
+            group.o_bias.copy_(torch.stack([a.o_proj.bias for a, _ in att]))
+        if bias["mlp"]:
+            group.gate_up_proj.bias.copy_(torch.cat([li.bias for li in gate_up]))
+            group.down_proj.bias.copy_(torch.stack([m.down_proj.bias for m, _ in mlp]).sum(0))
+        if bias["qk_norm"]:
+            group.q_norm.copy_(torch.stack([a.q_norm.weight for a, _ in att]))
+            group.k_norm.copy_(torch.stack([a.k_norm.weight for a, _ in att]))
         return group
 
     def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -357,39 +361,87 @@ class MergedGroup(ParallelGroup):
         return (weight[:, None, :] * x).view(b, t, n, hd)
 
     def _qkv(self, x):
-        r = rms_normalize(x, self.eps)
+        qkv = self.qkv_proj(rms_normalize(x, self.eps))
         shape = (*x.shape[:-1], -1, self.head_dim)
-        q, k, v = self.q_proj(r).view(shape), self.k_proj(r).view(shape), self.v_proj(r).view(shape)
+        q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
         if self.q_norm is not None:
             q, k = self._head_norm(q, self.q_norm), self._head_norm(k, self.k_norm)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attention_out(self, attn, *, summed: bool):
-        b, t = attn.shape[:2]
+        flat = attn.reshape(*attn.shape[:2], -1)
         if summed:
-            out = self.o_proj(attn.reshape(b, t, -1))
+            out = self.o_proj(flat)
             return out if self.o_bias is None else out + self.o_bias.sum(0)
-        # Per-branch outputs: (P, B*T, H*hd) @ (P, H*hd, D)
-        p = self.degree
-        heads = attn.reshape(b * t, p, -1).transpose(0, 1)
-        w = self.o_proj.weight.view(-1, p, heads.shape[-1]).permute(1, 2, 0)
-        out = torch.bmm(heads, w).view(p, b, t, -1)
-        return out if self.o_bias is None else out + self.o_bias[:, None, None, :]
+        # Branch j's heads times branch j's columns of o_proj; one plain matmul per branch runs
+        # faster on CPUs than a batched matmul over strided weight views.
+        width = self.q_width // self.degree
+        outs = []
+        for j in range(self.degree):
+            cols = slice(j * width, (j + 1) * width)
+            bias = None if self.o_bias is None else self.o_bias[j]
+            outs.append(nn.functional.linear(flat[..., cols], self.o_proj.weight[:, cols], bias))
+        return torch.stack(outs)
 
     def _mlp(self, u, *, shared: bool):
         r = rms_normalize(u, self.eps)
+        inter = self.intermediate_size
         if shared:
-            return self.down_proj(self.act_fn(self.gate_proj(r)) * self.up_proj(r))
-        p, b, t, d = r.shape
-        r = r.reshape(p, b * t, d)
-        gate = self._branch_linear(r, self.gate_proj)
-        up = self._branch_linear(r, self.up_proj)
-        h = (self.act_fn(gate) * up).transpose(0, 1).reshape(b, t, -1)  # (B, T, P*I), branch-major
-        return self.down_proj(h)
+            gate_up = self.gate_up_proj(r).view(*r.shape[:-1], self.degree, 2, inter)
+            hidden = self.act_fn(gate_up[..., 0, :]) * gate_up[..., 1, :]
+            return self.down_proj(hidden.flatten(-2))
+        w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
+        hidden = []
+        for j in range(self.degree):
+            rows = slice(2 * j * inter, 2 * (j + 1) * inter)
+            gate, up = nn.functional.linear(r[j], w[rows], None if b is None else b[rows]).split(
+                inter, dim=-1
+            )
+            hidden.append(self.act_fn(gate) * up)
+        return self.down_proj(torch.cat(hidden, dim=-1))  # (B, T, P*I), branch-major like down_proj
 
-    def _branch_linear(self, r: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        """Branch j's slice of a wide linear applied to branch j's input: (P, N, D) -> (P, N, out/P)."""
-        w = linear.weight.view(self.degree, -1, linear.in_features).transpose(1, 2)
-        if linear.bias is None:
-            return torch.bmm(r, w)
-        return torch.baddbmm(linear.bias.view(self.degree, 1, -1), r, w)
+    @torch.no_grad()
+    def plain_layer_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of one standard decoder layer (P·H heads, P·I intermediate size) equal to this group.
+
+        Valid when every MLP reads the same input (``lp`` with all gates at 1), which makes the
+        group exactly one pre-norm layer; the norms become all-ones since their weights are folded.
+        """
+        g = self.gate_matrix()
+        if self.bypass != "lp" or (g is not None and not bool((g == 1).all())):
+            raise ValueError(
+                f"group {list(self.original_indices)} is one plain layer only with lp bypass and gates at 1"
+            )
+        if self.q_norm is not None and not (
+            (self.q_norm == self.q_norm[0]).all() and (self.k_norm == self.k_norm[0]).all()
+        ):
+            raise ValueError(
+                f"group {list(self.original_indices)}: its branches' q/k norms differ, "
+                "which one plain layer cannot express"
+            )
+        q, k, v = self.qkv_proj.weight.split([self.q_width, self.kv_width, self.kv_width])
+        gate_up = self.gate_up_proj.weight.view(self.degree, 2, self.intermediate_size, -1)
+        state = {
+            "self_attn.q_proj.weight": q,
+            "self_attn.k_proj.weight": k,
+            "self_attn.v_proj.weight": v,
+            "self_attn.o_proj.weight": self.o_proj.weight,
+            "mlp.gate_proj.weight": gate_up[:, 0].flatten(0, 1),
+            "mlp.up_proj.weight": gate_up[:, 1].flatten(0, 1),
+            "mlp.down_proj.weight": self.down_proj.weight,
+            "input_layernorm.weight": torch.ones_like(self.qkv_proj.weight[0]),
+            "post_attention_layernorm.weight": torch.ones_like(self.qkv_proj.weight[0]),
+        }
+        if self.qkv_proj.bias is not None:
+            qb, kb, vb = self.qkv_proj.bias.split([self.q_width, self.kv_width, self.kv_width])
+            state |= {"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb, "self_attn.v_proj.bias": vb}
+        if self.o_bias is not None:
+            state["self_attn.o_proj.bias"] = self.o_bias.sum(0)
+        if self.gate_up_proj.bias is not None:
+            gub = self.gate_up_proj.bias.view(self.degree, 2, -1)
+            state |= {"mlp.gate_proj.bias": gub[:, 0].flatten(), "mlp.up_proj.bias": gub[:, 1].flatten()}
+            state["mlp.down_proj.bias"] = self.down_proj.bias
+        if self.q_norm is not None:
+            state |= {"self_attn.q_norm.weight": self.q_norm[0], "self_attn.k_norm.weight": self.k_norm[0]}
+        return {name: t.clone() for name, t in state.items()}

@@ -123,35 +123,38 @@ def test_no_bypass_is_a_sum_of_independent_layers(input_ids):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lp_merged_group_is_one_wide_decoder_layer(input_ids):
-    """G = 1 (fixed): the group is one standard layer with P x heads and P x intermediate size."""
-    model = make_model("qwen2")
-    par = parallel(model, [[1, 2]], bypass="lp", gates="fixed")
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+@pytest.mark.parametrize("gates", ["fixed", "learned"])
+def test_lp_group_is_one_wide_decoder_layer(arch_name, gates):
+    """G = 1: the group is one standard layer with P x heads and P x intermediate size."""
+    model = make_model(arch_name)
+    par = parallel(model, [[1, 2, 3]], bypass="lp", gates=gates)
     group = par.model.layers[1]
-    assert isinstance(group, MergedGroup) and group.shared_mlp_input
+    assert isinstance(group, MergedGroup) and group.shared_mlp_input == (gates == "fixed")
     wide_cfg = copy.deepcopy(model.config)
     wide_cfg.head_dim = group.head_dim
-    wide_cfg.num_attention_heads *= 2
-    wide_cfg.num_key_value_heads *= 2
-    wide_cfg.intermediate_size *= 2
+    wide_cfg.num_attention_heads *= 3
+    wide_cfg.num_key_value_heads *= 3
+    wide_cfg.intermediate_size *= 3
     wide = type(model.model.layers[1])(wide_cfg, layer_idx=1).eval()
+    wide.load_state_dict(group.plain_layer_state_dict(), strict=True)
+    x = torch.randn(2, 9, model.config.hidden_size)
+    pe = model.model.rotary_emb(x, torch.arange(9)[None])
     with torch.no_grad():
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(wide.self_attn, name).weight.copy_(getattr(group, name).weight)
-        for name in ("q_proj", "k_proj", "v_proj"):
-            getattr(wide.self_attn, name).bias.copy_(getattr(group, name).bias)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(wide.mlp, name).weight.copy_(getattr(group, name).weight)
-        wide.input_layernorm.weight.fill_(1.0)
-        wide.post_attention_layernorm.weight.fill_(1.0)
-        x = torch.randn(2, 9, model.config.hidden_size)
-        pe = model.model.rotary_emb(x, torch.arange(9)[None])
+        expected = group(x, attention_mask=None, position_embeddings=pe)
         torch.testing.assert_close(
-            group(x, attention_mask=None, position_embeddings=pe),
-            wide(x, attention_mask=None, position_embeddings=pe),
-            rtol=1e-5,
-            atol=1e-5,
+            wide(x, attention_mask=None, position_embeddings=pe), expected, rtol=1e-5, atol=1e-5
         )
+
+
+def test_plain_layer_needs_gates_at_one():
+    par = parallel(make_model("llama"), [[1, 2]], bypass="lp")
+    with torch.no_grad():
+        par.model.layers[1].gates.fill_(0.5)
+    with pytest.raises(
+        ValueError, match=r"group \[1, 2\] is one plain layer only with lp bypass and gates at 1"
+    ):
+        par.model.layers[1].plain_layer_state_dict()
 
 
 # ------------------------------------------------------------------ merged = branches
