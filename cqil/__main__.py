@@ -1,0 +1,7 @@
+"""``python -m cqil``: the same as the ``cqil`` console script."""
+
+import sys
+
+from cqil.cli import main
+
+sys.exit(main())

@@ -1,0 +1,261 @@
+"""Layer-input similarity on calibration text, and group plans suggested from it.
+
+Layers whose inputs are nearly the same vector can read one shared input with little change
+to the network: that is the premise of running them as a parallel group (CQIL, Layer
+Parallelism). :func:`layer_input_similarity` measures how close the decoder layers' inputs
+are; :func:`suggest_plan` picks the contiguous range whose groups are the closest;
+:func:`analyze` does both on a calibration set and measures what the suggested plans cost
+in perplexity before any recovery training.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cqil.data import calibration_tokens
+from cqil.evaluate import perplexity
+from cqil.group import BYPASS_MODES
+from cqil.plan import GroupPlan
+from cqil.surgery import parallelize
+
+
+def layer_input_similarity(
+    model, tokens: torch.LongTensor, *, batch_size: int = 4, progress: bool = True
+) -> dict:
+    """Cosine similarities of the decoder layers' hidden states on ``tokens`` (N, T).
+
+    Forward hooks on ``model.model.layers`` capture every layer's input (its first positional
+    argument) and output. Returns, as float64 tensors averaged over all N * T token positions:
+
+    - ``"matrix"`` (L, L): entry [i, j] is the mean cosine similarity between the inputs of
+      layers i and j at the same token (symmetric, ones on the diagonal);
+    - ``"io"`` (L,): entry i is the mean cosine similarity between layer i's input and output.
+
+    plus ``"tokens"``, the number of positions averaged over.
+    """
+    layers = model.model.layers
+    num_layers = len(layers)
+    inputs: list[torch.Tensor | None] = [None] * num_layers
+    outputs: list[torch.Tensor | None] = [None] * num_layers
+
+    def save_input(i):
+        def hook(module, args):
+            inputs[i] = args[0]
+
+        return hook
+
+    def save_output(i):
+        def hook(module, args, output):
+            outputs[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(save_input(i)) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(save_output(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    matrix = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    io_sim = torch.zeros(num_layers, dtype=torch.float64)
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in tqdm(
+                range(0, len(tokens), batch_size), desc="similarity", unit="batch", disable=not progress
+            ):
+                # The bare decoder stack: the LM head is not needed and is the widest matmul.
+                model.model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
+                x = F.normalize(torch.stack(inputs).flatten(1, 2).float(), dim=-1)  # (L, tokens, D)
+                y = F.normalize(torch.stack(outputs).flatten(1, 2).float(), dim=-1)
+                # Sum over tokens of the per-token cosines, for every pair of layers at once.
+                matrix += torch.einsum("itd,jtd->ij", x, x).double().cpu()
+                io_sim += (x * y).sum(dim=(1, 2)).double().cpu()
+                count += x.shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {"matrix": matrix / count, "io": io_sim / count, "tokens": count}
+
+
+def rank_ranges(sim, *, num_groups: int, degree: int) -> list[dict]:
+    """Score every contiguous range of ``num_groups * degree`` layers, best first.
+
+    ``sim`` is the (L, L) input-similarity matrix (``layer_input_similarity(...)["matrix"]``).
+    A range starting at layer s is cut into ``num_groups`` consecutive groups of ``degree``
+    layers; its score is the mean, over its groups, of the mean similarity between the inputs
+    of every pair of layers within the group. Ties go to the earlier range. Each entry is
+    ``{"start", "end", "score"}`` with ``end`` exclusive.
+    """
+    sim = torch.as_tensor(sim, dtype=torch.float64)
+    num_layers = sim.shape[0]
+    _check_budget(num_groups, degree, num_layers)
+    # Mean pairwise similarity of the group starting at each layer; pairs are i < j.
+    pairs = torch.triu_indices(degree, degree, offset=1)
+    group_scores = [sim[s + pairs[0], s + pairs[1]].mean().item() for s in range(num_layers - degree + 1)]
+    width = num_groups * degree
+    ranking = [
+        {
+            "start": s,
+            "end": s + width,
+            "score": sum(group_scores[s + k * degree] for k in range(num_groups)) / num_groups,
+        }
+        for s in range(num_layers - width + 1)
+    ]
+    return sorted(ranking, key=lambda r: -r["score"])
+
+
+def suggest_plan(sim, *, num_groups: int, degree: int) -> GroupPlan:
+    """The plan of ``num_groups`` groups of ``degree`` layers on the best range of :func:`rank_ranges`."""
+    best = rank_ranges(sim, num_groups=num_groups, degree=degree)[0]
+    return GroupPlan.parse(_range_spec(best, degree), len(sim))
+
+
+def analyze(
+    model,
+    tokenizer,
+    data_paths,
+    *,
+    num_groups: int | Sequence[int],
+    degree: int,
+    out_dir,
+    seq_len: int = 256,
+    num_sequences: int = 32,
+    batch_size: int = 4,
+    bypass_modes: Sequence[str] = ("lp", "none", "cqil"),
+) -> dict:
+    """Measure layer-input similarity, suggest plans and their perplexity before recovery.
+
+    For each count in ``num_groups`` (an int or a list), the best range of :func:`rank_ranges`
+    becomes a plan, applied to a deep copy of ``model`` under each bypass mode; its perplexity
+    on the calibration tokens is measured next to the original model's. Writes
+    ``similarity.json`` (the returned dict) and ``similarity.png`` (the heatmap with each
+    suggested plan's groups outlined) into ``out_dir``. ``model`` itself is left unchanged.
+    """
+    counts = [num_groups] if isinstance(num_groups, int) else list(num_groups)
+    num_layers = len(model.model.layers)
+    # Check every argument before the (slow) measurement, not after it.
+    for count in counts:
+        _check_budget(count, degree, num_layers)
+    unknown = [mode for mode in bypass_modes if mode not in BYPASS_MODES]
+    if unknown:
+        raise ValueError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    data_paths = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)
+    tokens = calibration_tokens(tokenizer, data_paths, seq_len=seq_len, num_sequences=num_sequences)
+    sim = layer_input_similarity(model, tokens, batch_size=batch_size)
+    original = perplexity(model, tokens, batch_size=batch_size)
+
+    plans = [_plan_entry(sim["matrix"], count, degree) for count in counts]
+    jobs = tqdm([(entry, mode) for entry in plans for mode in bypass_modes], desc="plans", unit="plan")
+    for entry, mode in jobs:
+        jobs.set_postfix_str(f"{entry['spec']}, bypass={mode}")
+        plan = GroupPlan.from_dict(entry["plan"])
+        candidate = parallelize(copy.deepcopy(model), plan, bypass=mode)
+        entry["perplexity"][mode] = perplexity(candidate, tokens, batch_size=batch_size)
+        del candidate  # free this copy before the next one is made: one copy at a time
+
+    result = {
+        "model": model.config.name_or_path or model.config.model_type,
+        "num_layers": num_layers,
+        "degree": degree,
+        "calibration": {
+            "data": [str(p) for p in data_paths],
+            "seq_len": tokens.shape[1],
+            "num_sequences": tokens.shape[0],
+        },
+        "original": original,
+        "plans": plans,
+        "matrix": [[round(v, 6) for v in row] for row in sim["matrix"].tolist()],
+        "io_similarity": [round(v, 6) for v in sim["io"].tolist()],
+    }
+    _write_atomic(out_dir / "similarity.json", (json.dumps(result, indent=2) + "\n").encode())
+    _write_atomic(out_dir / "similarity.png", _heatmap_png(sim["matrix"], plans, degree))
+    return result
+
+
+def _check_budget(num_groups: int, degree: int, num_layers: int) -> None:
+    if degree < 2:
+        raise ValueError(f"degree must be at least 2 (layers per group), got {degree}")
+    if num_groups < 1:
+        raise ValueError(f"the number of groups must be at least 1, got {num_groups}")
+    if num_groups * degree > num_layers:
+        raise ValueError(
+            f"{num_groups} groups of {degree} layers need {num_groups * degree} layers "
+            f"but the model has {num_layers}"
+        )
+
+
+def _plan_entry(matrix: torch.Tensor, num_groups: int, degree: int) -> dict:
+    ranking = rank_ranges(matrix, num_groups=num_groups, degree=degree)
+    spec = _range_spec(ranking[0], degree)
+    plan = GroupPlan.parse(spec, len(matrix))
+    return {
+        "num_groups": num_groups,
+        "spec": spec,
+        "plan": plan.to_dict(),
+        "score": ranking[0]["score"],
+        "num_layers_after": plan.num_layers_after,
+        "ideal_speedup": plan.ideal_speedup,
+        "perplexity": {},
+        "ranking": ranking,
+    }
+
+
+def _range_spec(entry: dict, degree: int) -> str:
+    return f"{entry['start']}-{entry['end']}:{degree}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # A reader (or a crash) never sees a half-written file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _heatmap_png(matrix: torch.Tensor, plans: list[dict], degree: int) -> bytes:
+    """One heatmap panel per suggested plan, its groups outlined; returns PNG bytes."""
+    # The object-oriented API renders with Agg without touching pyplot's global backend.
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    num_layers = matrix.shape[0]
+    step = -(-num_layers // 16)  # at most 16 tick labels, so that they stay legible
+    ticks = list(range(0, num_layers, step))
+    fig = Figure(figsize=(4.6 * len(plans) + 1.2, 4.8), layout="constrained")
+    axes = fig.subplots(1, len(plans), squeeze=False)[0]
+    for ax, entry in zip(axes, plans, strict=True):
+        image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=float(matrix.min()), vmax=1.0)
+        for group in entry["plan"]["groups"]:
+            ax.add_patch(
+                Rectangle(
+                    (group[0] - 0.5, group[0] - 0.5), degree, degree, fill=False, edgecolor="red", lw=1.5
+                )
+            )
+        ppl = ", ".join(f"{m} {r['ppl']:.4g}" for m, r in entry["perplexity"].items())
+        first, last = entry["plan"]["groups"][0][0], entry["plan"]["groups"][-1][-1]
+        ax.set_title(
+            f"{entry['num_groups']} groups of {degree}: layers {first}-{last} ({entry['spec']})\n"
+            f"score {entry['score']:.3f}; ppl {ppl}",
+            fontsize=9,
+        )
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("layer (input)")
+        ax.set_ylabel("layer (input)")
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean cosine similarity of layer inputs")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
