@@ -1,7 +1,35 @@
-"""cqil: recover LLMs whose middle layers were rewritten to run concurrently."""
+"""cqil: recover LLMs whose middle layers were rewritten to run concurrently.
 
-from cqil.plan import GroupPlan
-from cqil.surgery import parallelize, trainable_parameters
+The public names are imported on first use, so that ``cqil --help`` and light tools start
+without loading torch and transformers.
+"""
 
-__all__ = ["GroupPlan", "parallelize", "trainable_parameters"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "GroupPlan": "cqil.plan",
+    "parallelize": "cqil.surgery",
+    "trainable_parameters": "cqil.surgery",
+    "analyze": "cqil.similarity",
+    "load_model": "cqil.pretrained",
+    "fetch_model": "cqil.pretrained",
+}
+
+__all__ = ["GroupPlan", "analyze", "fetch_model", "load_model", "parallelize", "trainable_parameters"]
+
+if TYPE_CHECKING:
+    from cqil.plan import GroupPlan
+    from cqil.pretrained import fetch_model, load_model
+    from cqil.similarity import analyze
+    from cqil.surgery import parallelize, trainable_parameters
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cqil' has no attribute {name!r}")
