@@ -18,11 +18,25 @@ _EXPORTS = {
     "analyze": "cqil.similarity",
     "load_model": "cqil.pretrained",
     "fetch_model": "cqil.pretrained",
+    "coalesce": "cqil.coalescing",
+    "decoalesce": "cqil.coalescing",
+    "interpolate": "cqil.coalescing",
 }
 
-__all__ = ["GroupPlan", "analyze", "fetch_model", "load_model", "parallelize", "trainable_parameters"]
+__all__ = [
+    "GroupPlan",
+    "analyze",
+    "coalesce",
+    "decoalesce",
+    "fetch_model",
+    "interpolate",
+    "load_model",
+    "parallelize",
+    "trainable_parameters",
+]
 
 if TYPE_CHECKING:
+    from cqil.coalescing import coalesce, decoalesce, interpolate
     from cqil.plan import GroupPlan
     from cqil.pretrained import fetch_model, load_model
     from cqil.similarity import analyze

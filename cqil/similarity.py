@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cqil.coalescing import coalesce
 from cqil.data import calibration_tokens
 from cqil.evaluate import perplexity
 from cqil.group import BYPASS_MODES
@@ -132,6 +133,7 @@ def analyze(
     num_sequences: int = 32,
     batch_size: int = 4,
     bypass_modes: Sequence[str] = ("lp", "none", "cqil"),
+    coalesced: bool = True,
 ) -> dict:
     """Measure layer-input similarity, suggest plans and their perplexity before recovery.
 
@@ -140,6 +142,9 @@ def analyze(
     on the calibration tokens is measured next to the original model's. Writes
     ``similarity.json`` (the returned dict) and ``similarity.png`` (the heatmap with each
     suggested plan's groups outlined) into ``out_dir``. ``model`` itself is left unchanged.
+    With ``coalesced``, each plan is also measured as a depth-coalesced model (one averaged
+    layer per group, :func:`cqil.coalescing.coalesce`), the alternative that parallel groups
+    are compared against.
     """
     counts = [num_groups] if isinstance(num_groups, int) else list(num_groups)
     num_layers = len(model.model.layers)
@@ -158,11 +163,15 @@ def analyze(
     original = perplexity(model, tokens, batch_size=batch_size)
 
     plans = [_plan_entry(sim["matrix"], count, degree) for count in counts]
-    jobs = tqdm([(entry, mode) for entry in plans for mode in bypass_modes], desc="plans", unit="plan")
+    modes = list(bypass_modes) + (["coalesce"] if coalesced else [])
+    jobs = tqdm([(entry, mode) for entry in plans for mode in modes], desc="plans", unit="plan")
     for entry, mode in jobs:
-        jobs.set_postfix_str(f"{entry['spec']}, bypass={mode}")
+        jobs.set_postfix_str(f"{entry['spec']}, {mode}")
         plan = GroupPlan.from_dict(entry["plan"])
-        candidate = parallelize(copy.deepcopy(model), plan, bypass=mode)
+        if mode == "coalesce":
+            candidate = coalesce(model, plan)
+        else:
+            candidate = parallelize(copy.deepcopy(model), plan, bypass=mode)
         entry["perplexity"][mode] = perplexity(candidate, tokens, batch_size=batch_size)
         del candidate  # free this copy before the next one is made: one copy at a time
 

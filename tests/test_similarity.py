@@ -121,7 +121,7 @@ def test_analyze_writes_report(tmp_path):
         assert len(plan.groups) == entry["num_groups"] and all(len(g) == 2 for g in plan.groups)
         assert GroupPlan.parse(entry["spec"], 8) == plan
         assert entry["ranking"][0]["score"] == entry["score"]
-        assert set(entry["perplexity"]) == {"lp", "none", "cqil"}
+        assert set(entry["perplexity"]) == {"lp", "none", "cqil", "coalesce"}
         assert all(math.isfinite(r["ppl"]) for r in entry["perplexity"].values())
     # The model itself is measured, never rewritten.
     assert len(model.model.layers) == 8 and getattr(model.config, "cqil", None) is None
