@@ -53,7 +53,8 @@ def add_analyze_parser(subparsers) -> None:
         help="layer-input similarity, suggested plans and their perplexity before recovery",
         description="Measure the cosine similarity of the decoder layers' inputs on calibration "
         "text, suggest the most similar contiguous range for each group count, and measure the "
-        "perplexity of each suggestion under every bypass mode. Writes similarity.json and "
+        "perplexity of each suggestion under every bypass mode and as a depth-coalesced model "
+        "(averaged layers). Writes similarity.json and "
         "similarity.png into --out.",
     )
     p.add_argument("--model", required=True, help="embedded name (smollm2-135m), HF folder or Hub id")

@@ -122,7 +122,7 @@ def test_analyze_end_to_end(tmp_path, tiny_model_dir):
     # The table: a header, the original model, then one row per group count.
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["groups", "plan"])
-    assert lines[header].split()[5:] == ["ppl", "lp", "ppl", "none", "ppl", "cqil"]
+    assert lines[header].split()[5:] == ["ppl", "lp", "ppl", "none", "ppl", "cqil", "ppl", "coalesce"]
     rows = [line.split() for line in lines[header + 1 : header + 4]]
     assert rows[0][1] == "original" and rows[1][0] == "1x2" and rows[2][0] == "3x2"
     assert rows[2][1] == report["plans"][1]["spec"]
