@@ -21,6 +21,9 @@ _EXPORTS = {
     "coalesce": "cqil.coalescing",
     "decoalesce": "cqil.coalescing",
     "interpolate": "cqil.coalescing",
+    "export_model": "cqil.export",
+    "load_export": "cqil.export",
+    "push_to_hub": "cqil.export",
 }
 
 __all__ = [
@@ -28,15 +31,19 @@ __all__ = [
     "analyze",
     "coalesce",
     "decoalesce",
+    "export_model",
     "fetch_model",
     "interpolate",
+    "load_export",
     "load_model",
     "parallelize",
+    "push_to_hub",
     "trainable_parameters",
 ]
 
 if TYPE_CHECKING:
     from cqil.coalescing import coalesce, decoalesce, interpolate
+    from cqil.export import export_model, load_export, push_to_hub
     from cqil.plan import GroupPlan
     from cqil.pretrained import fetch_model, load_model
     from cqil.similarity import analyze

@@ -13,6 +13,7 @@ import glob
 import os
 import sys
 
+from cqil.export_cli import add_export_parser
 
 EXIT_USAGE = 2
 # Errors the library raises for bad user input; anything else is a bug and keeps its traceback.
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     add_fetch_model_parser(subparsers)
     add_analyze_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 
