@@ -89,6 +89,44 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def effective_layers(groups, num_layers: int) -> list[tuple[int, ...]]:
+    """The original layer indices each effective layer runs, in order (one index for ungrouped layers)."""
+    by_start = {g[0]: tuple(g) for g in groups}
+    out, i = [], 0
+    while i < num_layers:
+        indices = by_start.get(i, (i,))
+        out.append(indices)
+        i += len(indices)
+    return out
+
+
+def set_layer_idx(layer: nn.Module, layer_idx: int) -> None:
+    """Set ``layer_idx`` on every submodule that has one: the KV cache is indexed by effective layer."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = layer_idx
+
+
+def capture_group_hidden_states(decoder: nn.Module) -> None:
+    """Make ``output_hidden_states=True`` return one state per effective layer, groups included.
+
+    transformers records hidden states with forward hooks on modules of the model's own
+    decoder-layer class; groups are not of that class, so they get the same hook here.
+    ``decoder`` is the base model (``model.model`` of a ``*ForCausalLM``).
+    """
+    try:
+        from transformers.utils.output_capturing import (
+            install_output_capuring_hook,
+            maybe_install_capturing_hooks,
+        )
+    except ImportError:  # a transformers without hook-based capture
+        return
+    maybe_install_capturing_hooks(decoder)
+    for layer in decoder.layers:
+        if isinstance(layer, ParallelGroup):
+            install_output_capuring_hook(layer, "hidden_states", 0)
+
+
 def sum_branches(parts) -> torch.Tensor:
     """Sum over branches left to right (a fixed order, so one branch is returned exactly as is)."""
     total = parts[0]

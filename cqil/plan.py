@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from cqil.group import effective_layers
+
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*(-?\d+)\s*$")
 
 
@@ -74,13 +76,7 @@ class GroupPlan:
 
     def effective_layers(self) -> list[tuple[int, ...]]:
         """One entry per effective layer, in order: the original indices it runs (one for ungrouped layers)."""
-        by_start = {g[0]: g for g in self.groups}
-        out, i = [], 0
-        while i < self.num_layers:
-            group = by_start.get(i, (i,))
-            out.append(group)
-            i += len(group)
-        return out
+        return effective_layers(self.groups, self.num_layers)
 
     def is_identity(self) -> bool:
         return all(len(g) == 1 for g in self.groups)

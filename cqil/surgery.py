@@ -13,7 +13,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cqil.group import BYPASS_MODES, FORMS, GATE_KINDS, GATE_SHAPES, BranchGroup, MergedGroup, ParallelGroup
+from cqil.group import (
+    BYPASS_MODES,
+    FORMS,
+    GATE_KINDS,
+    GATE_SHAPES,
+    BranchGroup,
+    MergedGroup,
+    ParallelGroup,
+    capture_group_hidden_states,
+    set_layer_idx,
+)
 from cqil.plan import GroupPlan
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -92,7 +102,7 @@ def parallelize(
     for layer_idx, indices in enumerate(plan.effective_layers()):
         originals = [layers[i] for i in indices]
         if indices not in grouped:
-            _set_layer_idx(originals[0], layer_idx)
+            set_layer_idx(originals[0], layer_idx)
             new_layers.append(originals[0])
             continue
         attn = originals[0].self_attn
@@ -119,34 +129,8 @@ def parallelize(
     config.num_hidden_layers = len(new_layers)
     if layer_types:
         config.layer_types = [layer_types[indices[0]] for indices in plan.effective_layers()]
-    _capture_group_hidden_states(model)
+    capture_group_hidden_states(model.model)
     return model
-
-
-def _set_layer_idx(layer: nn.Module, layer_idx: int) -> None:
-    # The KV cache is indexed by effective layer; an ungrouped layer after a group moves down.
-    for module in layer.modules():
-        if hasattr(module, "layer_idx"):
-            module.layer_idx = layer_idx
-
-
-def _capture_group_hidden_states(model: nn.Module) -> None:
-    """Make ``output_hidden_states=True`` return one state per effective layer.
-
-    transformers records hidden states with forward hooks on modules of the model's own
-    decoder-layer class; groups are not of that class, so they get the same hook here.
-    """
-    try:
-        from transformers.utils.output_capturing import (
-            install_output_capuring_hook,
-            maybe_install_capturing_hooks,
-        )
-    except ImportError:  # an older or newer transformers without hook-based capture
-        return
-    maybe_install_capturing_hooks(model.model)
-    for layer in model.model.layers:
-        if isinstance(layer, ParallelGroup):
-            install_output_capuring_hook(layer, "hidden_states", 0)
 
 
 def parallel_groups(model: nn.Module) -> list[ParallelGroup]:

@@ -7,6 +7,22 @@ relative import lands here, so a model loaded with the package's classes holds t
 :mod:`cqil.group` and the ``isinstance`` checks of :mod:`cqil.surgery` keep working on it.
 """
 
-from cqil.group import BranchGroup, MergedGroup, ParallelGroup, bypass_mask
+from cqil.group import (
+    BranchGroup,
+    MergedGroup,
+    ParallelGroup,
+    bypass_mask,
+    capture_group_hidden_states,
+    effective_layers,
+    set_layer_idx,
+)
 
-__all__ = ["BranchGroup", "MergedGroup", "ParallelGroup", "bypass_mask"]
+__all__ = [
+    "BranchGroup",
+    "MergedGroup",
+    "ParallelGroup",
+    "bypass_mask",
+    "capture_group_hidden_states",
+    "effective_layers",
+    "set_layer_idx",
+]

@@ -31,25 +31,15 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_cqil import CqilConfig
-from .cqil_group import BranchGroup, MergedGroup, ParallelGroup, bypass_mask
-
-
-def effective_layers(groups: list[list[int]], num_layers: int) -> list[tuple[int, ...]]:
-    """The original layer indices each effective layer runs, in order (one index for ungrouped layers)."""
-    by_start = {g[0]: tuple(g) for g in groups}
-    out, i = [], 0
-    while i < num_layers:
-        indices = by_start.get(i, (i,))
-        out.append(indices)
-        i += len(indices)
-    return out
-
-
-def set_layer_idx(layer: nn.Module, layer_idx: int) -> None:
-    """Set ``layer_idx`` on every submodule that has one (the KV cache is indexed by it)."""
-    for module in layer.modules():
-        if hasattr(module, "layer_idx"):
-            module.layer_idx = layer_idx
+from .cqil_group import (
+    BranchGroup,
+    MergedGroup,
+    ParallelGroup,
+    bypass_mask,
+    capture_group_hidden_states,
+    effective_layers,
+    set_layer_idx,
+)
 
 
 def wide_layer(decoder_cls: type, config, layer_idx: int, degree: int) -> nn.Module:
@@ -123,25 +113,6 @@ def build_layers(layers: nn.ModuleList, config, cqil: dict) -> nn.ModuleList:
                 )
             out.append(group)
     return nn.ModuleList(out)
-
-
-def capture_group_hidden_states(model: nn.Module) -> None:
-    """Make ``output_hidden_states=True`` return one state per effective layer, groups included.
-
-    transformers records hidden states with forward hooks on modules of the base model's own
-    decoder-layer class; groups are not of that class, so they get the same hook here.
-    """
-    try:
-        from transformers.utils.output_capturing import (
-            install_output_capuring_hook,
-            maybe_install_capturing_hooks,
-        )
-    except ImportError:  # a transformers without hook-based capture
-        return
-    maybe_install_capturing_hooks(model)
-    for layer in model.layers:
-        if isinstance(layer, ParallelGroup):
-            install_output_capuring_hook(layer, "hidden_states", 0)
 
 
 class CqilForCausalLM(PreTrainedModel, GenerationMixin):
