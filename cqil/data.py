@@ -1,20 +1,24 @@
-"""RedPajama-style text: read JSONL records, tokenize and pack them into fixed-length blocks.
+"""RedPajama-style text: read records, mix them by source, tokenize and pack them into blocks.
 
 A record is one JSON object per line with a ``"text"`` string and, optionally, a source label at a
 dotted path (RedPajama: ``meta.redpajama_set_name``; some RedPajama dumps store ``meta`` as a JSON
-string, which is parsed). Files may be gzip-compressed. The functions compose as
-``pack_tokens(tokenizer, (text for text, _ in iter_records(paths)), seq_len=...)``.
+string, which is parsed). Files may be JSONL, gzip- or zstd-compressed JSONL, or Parquet; a spec
+``hf://<dataset id>[@config]`` streams a Hub dataset through ``datasets``. The functions compose as
+``pack_tokens(tokenizer, (text for text, _ in iter_records(paths)), seq_len=...)``; training uses
+:class:`TokenStream`, an endless, per-rank, resumable stream of packed blocks.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import itertools
 import json
 import os
+import random
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -23,10 +27,12 @@ PathLike = str | os.PathLike
 DEFAULT_SOURCE_FIELD = "meta.redpajama_set_name"
 _MAX_WARNINGS_PER_FILE = 5  # one warning per bad line would flood the log on a damaged shard
 _TOKENIZE_BATCH = 64  # fast tokenizers encode a batch in parallel
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+HUB_PREFIX = "hf://"
 
 
 def expand_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
-    """Expand files, directories (their ``*.jsonl`` / ``*.jsonl.gz``, sorted) and globs into files.
+    """Expand files, directories (their ``*.jsonl[.gz|.zst]`` / ``*.parquet``, sorted) and globs into files.
 
     Raises ``FileNotFoundError`` naming the first path that matches nothing.
     """
@@ -39,21 +45,23 @@ def expand_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
         found = []
         for match in map(Path, matches):
             if match.is_dir():
-                found += sorted(
-                    p for p in match.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")) and p.is_file()
-                )
+                found += sorted(p for p in match.iterdir() if p.name.endswith(_SUFFIXES) and p.is_file())
             elif match.is_file():
                 found.append(match)
         if not found:
-            raise FileNotFoundError(f"no JSONL files found at {entry!r}")
+            raise FileNotFoundError(f"no JSONL or Parquet files found at {entry!r}")
         files += found
     return files
 
 
 def iter_records(
-    paths: PathLike | Iterable[PathLike], *, source_field: str | None = DEFAULT_SOURCE_FIELD
+    paths: PathLike | Iterable[PathLike],
+    *,
+    source_field: str | None = DEFAULT_SOURCE_FIELD,
+    text_field: str = "text",
+    hub_split: str = "train",
 ) -> Iterator[tuple[str, str | None]]:
-    """Yield ``(text, source)`` for every record of the JSONL / JSONL.gz files under ``paths``.
+    """Yield ``(text, source)`` for every record of the files (or ``hf://`` datasets) under ``paths``.
 
     ``source`` is the string at the dotted path ``source_field`` (``None`` when absent or when
     ``source_field`` is ``None``). Lines that are not JSON objects with a string ``"text"`` are skipped
@@ -61,27 +69,72 @@ def iter_records(
     usable record, or with more bad lines than good ones, raises ``ValueError`` naming it.
     """
     fields = source_field.split(".") if source_field else []
-    for path in expand_paths(paths):
-        good = bad = 0
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    local: list[PathLike] = []
+    for entry in list(paths) + [None]:  # None flushes the local files gathered so far
+        if entry is not None and not os.fspath(entry).startswith(HUB_PREFIX):
+            local.append(entry)
+            continue
+        for path in expand_paths(local) if local else []:
+            yield from _checked(path, _raw_records(path), fields, text_field)
+        local = []
+        if entry is not None:
+            yield from _checked(entry, _hub_records(os.fspath(entry), hub_split), fields, text_field)
+
+
+def _raw_records(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line or row number, record or raw line)`` of one file; JSON is parsed later."""
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+        return
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        opener = zstandard.open
+    else:
         opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                record, problem = _parse_line(line)
-                if problem is not None:
-                    bad += 1
-                    if bad <= _MAX_WARNINGS_PER_FILE:
-                        warnings.warn(f"{path}:{lineno}: {problem}; line skipped", stacklevel=2)
-                    continue
-                if not record["text"].strip():
-                    continue
-                good += 1
-                yield record["text"], _lookup(record, fields)
-        if bad > _MAX_WARNINGS_PER_FILE:
-            warnings.warn(f"{path}: {bad} bad lines skipped in total", stacklevel=2)
-        if good == 0 or bad > good:
-            raise ValueError(f"{path}: {good} usable records and {bad} bad lines; is it a JSONL text file?")
+    with opener(path, "rt", encoding="utf-8") as f:
+        yield from enumerate(f, start=1)
+
+
+def _hub_records(spec: str, split: str) -> Iterator[tuple[int, object]]:
+    """Stream a Hub dataset ``hf://owner/name[@config]`` without downloading it whole."""
+    import datasets
+
+    name, _, config = spec[len(HUB_PREFIX) :].partition("@")
+    stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    yield from enumerate(stream, start=1)
+
+
+def _checked(origin, records, fields: list[str], text_field: str) -> Iterator[tuple[str, str | None]]:
+    good = bad = 0
+    for lineno, raw in records:
+        if isinstance(raw, str):
+            if not raw.strip():
+                continue
+            record, problem = _parse_line(raw, text_field)
+        else:
+            record, problem = _check_record(raw, text_field)
+        if problem is not None:
+            bad += 1
+            if bad <= _MAX_WARNINGS_PER_FILE:
+                warnings.warn(f"{origin}:{lineno}: {problem}; line skipped", stacklevel=3)
+            continue
+        if not record[text_field].strip():
+            continue
+        good += 1
+        yield record[text_field], _lookup(record, fields)
+    if bad > _MAX_WARNINGS_PER_FILE:
+        warnings.warn(f"{origin}: {bad} bad lines skipped in total", stacklevel=3)
+    if good == 0 or bad > good:
+        raise ValueError(f"{origin}: {good} usable records and {bad} bad lines; is it a JSONL text file?")
 
 
 def pack_tokens(
@@ -146,18 +199,22 @@ def calibration_tokens(
     return tokens
 
 
-def _parse_line(line: str) -> tuple[dict | None, str | None]:
+def _parse_line(line: str, text_field: str = "text") -> tuple[dict | None, str | None]:
     """``(record, None)`` for a usable record, else ``(None, why it is not)``."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         return None, f"invalid JSON ({e.msg})"
+    return _check_record(record, text_field)
+
+
+def _check_record(record, text_field: str = "text") -> tuple[dict | None, str | None]:
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {type(record).__name__}"
-    if "text" not in record:
-        return None, 'record has no "text"'
-    if not isinstance(record["text"], str):
-        return None, f'"text" is {type(record["text"]).__name__}, not a string'
+    if text_field not in record:
+        return None, f'record has no "{text_field}"'
+    if not isinstance(record[text_field], str):
+        return None, f'"{text_field}" is {type(record[text_field]).__name__}, not a string'
     return record, None
 
 
@@ -176,3 +233,185 @@ def _lookup(record: dict, fields: list[str]) -> str | None:
             return None
         value = value.get(field)
     return value if isinstance(value, str) else None
+
+
+# ------------------------------------------------------------------------------------ training streams
+def in_heldout(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split: a hash of its text, so every run and
+    every rank agrees, and a document never lands on both sides."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+class TokenStream:
+    """An endless stream of packed ``seq_len`` token blocks for one rank, with a resumable position.
+
+    Documents come from ``paths`` (files, folders, globs or ``hf://`` datasets), optionally filtered
+    by the hash split (``split="train"`` drops the held-out documents, ``"heldout"`` keeps only them).
+    With ``mixture`` ({source label: weight}) each next document is drawn from a source with that
+    probability, using a generator seeded by ``seed``; without it documents come in file order. Each
+    source restarts from its first record when it runs out (an epoch). The d-th document of this
+    common sequence goes to rank ``d % world_size``; a rank reads but does not tokenize the others'.
+
+    :meth:`state_dict` is the exact position: the mixture generator, how many documents each source
+    gave, and this rank's not yet emitted tokens. :meth:`load_state_dict` skips the consumed
+    documents (reading them again, not tokenizing them) and continues exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        paths: Sequence[PathLike],
+        *,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        mixture: dict[str, float] | None = None,
+        seed: int = 0,
+        split: str | None = None,
+        heldout_fraction: float = 0.0,
+        source_field: str | None = DEFAULT_SOURCE_FIELD,
+        text_field: str = "text",
+        hub_split: str = "train",
+    ) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id to separate packed documents")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if split not in (None, "train", "heldout"):
+            raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
+        if mixture is not None and not (any(w > 0 for w in mixture.values()) and min(mixture.values()) >= 0):
+            raise ValueError(f"mixture weights must be non-negative with a positive sum, got {mixture}")
+        self.tokenizer, self.paths, self.seq_len = tokenizer, list(paths), seq_len
+        self.rank, self.world_size = rank, world_size
+        self.mixture = {k: float(w) for k, w in mixture.items() if w > 0} if mixture else None
+        self.split, self.heldout_fraction = split, heldout_fraction
+        self.source_field, self.text_field, self.hub_split = source_field, text_field, hub_split
+        self.seed = seed
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._consumed: dict[str, int] = {}
+        self._documents = 0
+        self._buffer: list[int] = []
+        self._iters: dict[str, Iterator[str]] = {}
+
+    # -------------------------------------------------------------- the document sequence
+    def _source_texts(self, source: str | None) -> Iterator[str]:
+        """One pass over the documents of ``source`` (``None``: every document)."""
+        for text, label in iter_records(
+            self.paths, source_field=self.source_field, text_field=self.text_field, hub_split=self.hub_split
+        ):
+            if source is not None and label != source:
+                continue
+            if self.split is not None and in_heldout(text, self.heldout_fraction) != (
+                self.split == "heldout"
+            ):
+                continue
+            yield text
+
+    def _endless(self, source: str | None) -> Iterator[str]:
+        while True:
+            empty = True
+            for text in self._source_texts(source):
+                empty = False
+                yield text
+            if empty:
+                what = f"source {source!r} (field {self.source_field})" if source else "any document"
+                raise ValueError(f"no {self.split or ''} text of {what} in {', '.join(map(str, self.paths))}")
+
+    def _next_document(self) -> str:
+        if self.mixture is None:
+            name = ""
+        else:
+            names = list(self.mixture)
+            name = self._rng.choices(names, weights=[self.mixture[n] for n in names])[0]
+        if name not in self._iters:
+            self._iters[name] = self._endless(name or None)
+        self._consumed[name] = self._consumed.get(name, 0) + 1
+        self._documents += 1
+        return next(self._iters[name])
+
+    # -------------------------------------------------------------- blocks
+    def __iter__(self) -> Iterator[torch.LongTensor]:
+        eos = self.tokenizer.eos_token_id
+        while True:
+            while len(self._buffer) < self.seq_len:
+                mine = []
+                while len(mine) < _TOKENIZE_BATCH // 4:
+                    owner = self._documents % self.world_size
+                    text = self._next_document()
+                    if owner == self.rank:
+                        mine.append(text)
+                for ids in self.tokenizer(mine, add_special_tokens=False, verbose=False)["input_ids"]:
+                    self._buffer += ids
+                    self._buffer.append(eos)
+            block, self._buffer = self._buffer[: self.seq_len], self._buffer[self.seq_len :]
+            yield torch.tensor(block, dtype=torch.long)
+
+    def next_batch(self, batch_size: int) -> torch.LongTensor:
+        """The next ``(batch_size, seq_len)`` blocks."""
+        if not hasattr(self, "_blocks"):
+            self._blocks = iter(self)
+        return torch.stack([next(self._blocks) for _ in range(batch_size)])
+
+    # -------------------------------------------------------------- position
+    def state_dict(self) -> dict:
+        return {
+            "rng": self._rng.getstate(),
+            "consumed": dict(self._consumed),
+            "documents": self._documents,
+            "buffer": list(self._buffer),
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(
+                f"stream position was saved by rank {state['rank']} of {state['world_size']}, "
+                f"this is rank {self.rank} of {self.world_size}: resume with the same number of processes"
+            )
+        self._reset()
+        if hasattr(self, "_blocks"):
+            del self._blocks
+        for name, count in state["consumed"].items():
+            it = self._iters[name] = self._endless(name or None)
+            for _ in range(count):
+                next(it)
+        self._consumed = dict(state["consumed"])
+        self._documents = state["documents"]
+        self._buffer = list(state["buffer"])
+        self._rng.setstate(state["rng"])
+
+
+def heldout_tokens(
+    tokenizer,
+    train_paths: Sequence[PathLike],
+    eval_paths: Sequence[PathLike] | None,
+    *,
+    seq_len: int,
+    num_sequences: int,
+    heldout_fraction: float,
+    source_field: str | None = DEFAULT_SOURCE_FIELD,
+    text_field: str = "text",
+    hub_split: str = "train",
+) -> torch.LongTensor:
+    """The first ``num_sequences`` packed blocks of the evaluation text: ``eval_paths`` when given,
+    else the hash-held-out documents of ``train_paths`` (the ones :class:`TokenStream` skips)."""
+    kw = dict(source_field=source_field, text_field=text_field, hub_split=hub_split)
+    if eval_paths:
+        texts = (t for t, _ in iter_records(eval_paths, **kw))
+        where = ", ".join(map(str, eval_paths))
+    else:
+        texts = (t for t, _ in iter_records(train_paths, **kw) if in_heldout(t, heldout_fraction))
+        where = f"the {heldout_fraction:.2%} hash split of {', '.join(map(str, train_paths))}"
+    tokens = pack_tokens(tokenizer, texts, seq_len=seq_len, max_sequences=num_sequences)
+    if tokens.shape[0] == 0:
+        raise ValueError(f"not enough held-out text for one sequence of {seq_len} tokens in {where}")
+    if tokens.shape[0] < num_sequences:
+        warnings.warn(
+            f"only {tokens.shape[0]} of {num_sequences} held-out sequences in {where}", stacklevel=2
+        )
+    return tokens

@@ -187,3 +187,76 @@ def test_shipped_sample_files():
     assert not {t for t, _ in train} & {t for t, _ in heldout}
     assert sum(len(t) for t, _ in heldout) > 300_000
     assert sum(p.stat().st_size for p in SAMPLE_DIR.glob("*.jsonl.gz")) < 8_000_000
+
+
+# ------------------------------------------------------------------------------------ formats and streams
+def test_zstd_and_parquet_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.compress((json.dumps(rp("w0")) + "\n").encode()))
+    table = pa.table({"text": ["w1", None], "meta": ['{"redpajama_set_name": "P"}', "{}"]})
+    pq.write_table(table, tmp_path / "b.parquet")
+    (tmp_path / "c.jsonl").write_text(json.dumps(rp("w2")) + "\n")
+    with pytest.warns(UserWarning, match=r"b.parquet:2: .*NoneType"):
+        records = list(iter_records(tmp_path))
+    assert records == [("w0", "RedPajamaBook"), ("w1", "P"), ("w2", "RedPajamaBook")]
+
+
+def stream_docs(n: int = 200) -> list[dict]:
+    sources = ["RedPajamaBook", "RedPajamaWikipedia", "RedPajamaGithub"]
+    return [
+        rp(" ".join(WORDS[(i * 7 + k) % 300] for k in range(3 + i % 5)), sources[i % 3]) for i in range(n)
+    ]
+
+
+def test_heldout_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
+    from cqil.data import TokenStream, heldout_tokens, in_heldout
+
+    path = write_jsonl(tmp_path / "d.jsonl", stream_docs())
+    texts = [t for t, _ in iter_records(path)]
+    held = {t for t in texts if in_heldout(t, 0.2)}
+    assert 0 < len(held) < len(texts) and held == {t for t in texts if in_heldout(t, 0.2)}
+    stream = TokenStream(tokenizer, [path], seq_len=4, split="train", heldout_fraction=0.2)
+    seen = {stream._next_document() for _ in range(len(texts) - len(held))}
+    assert not seen & held
+    assert heldout_tokens(
+        tokenizer, [path], None, seq_len=4, num_sequences=2, heldout_fraction=0.2
+    ).shape == (2, 4)
+
+
+def test_stream_mixture_sharding_and_exact_resume(tmp_path, tokenizer):
+    from cqil.data import TokenStream
+
+    path = write_jsonl(tmp_path / "d.jsonl", stream_docs())
+    kw = dict(seq_len=8, mixture={"RedPajamaBook": 3.0, "RedPajamaGithub": 1.0}, seed=5)
+    stream = TokenStream(tokenizer, [path], **kw)
+    labels = [stream._next_document() for _ in range(400)]
+    books = {t for t, s in iter_records(path) if s == "RedPajamaBook"}
+    share = sum(t in books for t in labels) / len(labels)
+    assert 0.65 < share < 0.85  # 3:1, and no Wikipedia at all
+    assert not {t for t, s in iter_records(path) if s == "RedPajamaWikipedia"} & set(labels)
+
+    ranks = [TokenStream(tokenizer, [path], rank=r, world_size=2, **kw) for r in range(2)]
+    a, b = ranks[0].next_batch(3), ranks[1].next_batch(3)
+    assert not torch.equal(a, b)
+
+    stream = TokenStream(tokenizer, [path], rank=1, world_size=2, **kw)
+    stream.next_batch(5)
+    state = stream.state_dict()
+    expected = stream.next_batch(40)  # beyond one epoch of the smaller source
+    resumed = TokenStream(tokenizer, [path], rank=1, world_size=2, **kw)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next_batch(40), expected)
+    with pytest.raises(ValueError, match="same number of processes"):
+        TokenStream(tokenizer, [path], rank=0, world_size=1, **kw).load_state_dict(state)
+
+
+def test_stream_source_without_documents_is_named(tmp_path, tokenizer):
+    from cqil.data import TokenStream
+
+    path = write_jsonl(tmp_path / "d.jsonl", stream_docs(10))
+    stream = TokenStream(tokenizer, [path], seq_len=4, mixture={"RedPajamaArXiv": 1.0})
+    with pytest.raises(ValueError, match="RedPajamaArXiv"):
+        stream.next_batch(1)

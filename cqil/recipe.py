@@ -1,0 +1,401 @@
+"""The recipe: one typed, strict tree of settings for a recovery run, read from YAML.
+
+Every field carries a one-line doc (``field(metadata={"doc": ...})``) and, where it has one, a range.
+Loading is strict: an unknown or misspelled key, a value of the wrong type or out of range raises
+:class:`RecipeError`, whose message starts with the file and the dotted path of the culprit
+(``recipes/x.yaml: train.lr: ...``). ``key=value`` overrides use dotted keys and YAML values
+(``parallelize.groups=[[2,3],[4,5]]``). This is the only module that reads YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe value that cannot be used; the message names the file and the dotted key."""
+
+    def __init__(self, source: str, path: str, message: str) -> None:
+        self.source, self.path = source, path
+        super().__init__(f"{source}: {path or '<root>'}: {message}")
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", **checks: Any) -> Any:
+    """A dataclass field with its one-line doc and optional range checks (ge, gt, le)."""
+    meta = {"doc": doc, **checks}
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        section = default
+        return field(default_factory=lambda: copy.deepcopy(section), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------- schema
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which pretrained causal LM to recover."""
+
+    name_or_path: str = _f(
+        "smollm2-135m", "Hugging Face id, local folder, or an embedded name (smollm2-135m)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "dtype the weights are loaded and trained in"
+    )
+    attn_implementation: str | None = _f(
+        "sdpa", "transformers attention kernel (sdpa, eager, flash_attention_2)"
+    )
+
+
+@dataclass(kw_only=True)
+class ParallelizeConfig:
+    """How the layers are grouped and combined (arguments of ``cqil.parallelize``)."""
+
+    groups: str | list[list[int]] = _f(
+        doc='layer groups: "S-E:P" ranges (commas join several) or lists of indices'
+    )
+    bypass: Literal["lp", "none", "cqil"] = _f(
+        "lp", "lp: G=1 (Layer Parallelism); none: G=0; cqil: d preceding branches"
+    )
+    bypass_distance: int = _f(1, "under cqil bypass: how many preceding branches feed each MLP", ge=1)
+    gates: Literal["learned", "fixed"] = _f(
+        "learned", "learned: gates are trained parameters; fixed: buffers at the mode's G"
+    )
+    gate_shape: Literal["scalar", "channel"] = _f(
+        "scalar", "one gate per branch pair, or one per hidden channel"
+    )
+    form: Literal["merged", "branches"] = _f(
+        "merged", "merged: fused wide projections; branches: original modules"
+    )
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Weights of the recovery losses; the total is their weighted sum."""
+
+    lm: float = _f(0.0, "weight of next-token cross-entropy on the data", ge=0)
+    kd: float = _f(1.0, "weight of KL(teacher || student) on logits, mean over tokens", ge=0)
+    kd_temperature: float = _f(1.0, "softmax temperature T of the KD loss (scaled by T^2)", gt=0)
+    hidden: float = _f(
+        0.0, "weight of the MSE between student and teacher states at each group's output", ge=0
+    )
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters (through peft) instead of training the weights themselves."""
+
+    r: int = _f(32, "adapter rank", ge=1)
+    alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r)", gt=0)
+    dropout: float = _f(0.0, "dropout on the adapter input", ge=0, le=1)
+    target: Literal["groups", "all"] = _f(
+        "groups", "groups: adapters on the merged layers only; all: every linear layer of every layer"
+    )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = _f(100, "optimizer steps in the whole run", ge=1)
+    seq_len: int = _f(512, "tokens per packed training sequence", ge=2)
+    micro_batch_size: int = _f(1, "sequences per process per forward pass", ge=1)
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
+    lr: float = _f(1e-4, "peak learning rate (AdamW)", gt=0)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak", ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
+    warmup_steps: int = _f(0, "linear warmup from 0 to the peak, in optimizer steps", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to gates)", ge=0)
+    adam_betas: list[float] = _f([0.9, 0.95], "AdamW (beta1, beta2)")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping", ge=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "autocast mode handed to accelerate")
+    gradient_checkpointing: bool = _f(
+        False, "recompute the student's grouped layers in backward to save memory"
+    )
+    save_every_steps: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)", ge=0)
+    keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep", ge=1)
+    log_every_steps: int = _f(10, "one log line (and tracker point) every N optimizer steps", ge=1)
+    seed: int = _f(0, "seed of initialisation-free randomness: data mixture, dropout", ge=0)
+    trackers: list[Literal["tensorboard", "wandb"]] = _f(
+        ["tensorboard"], "metric sinks via accelerate; [] for none"
+    )
+    loss: LossConfig = _f(LossConfig(), "loss weights")
+    lora: LoraConfig | None = _f(None, "LoRA adapters; null (the default) trains the weights directly")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the text comes from and how it is mixed."""
+
+    train: str | list[str] = _f(
+        ["data/sample/train.jsonl.gz"],
+        "JSONL(.gz/.zst) / Parquet files, folders, globs, or hf://<dataset id>[@config] streamed from the Hub",
+    )
+    eval: str | list[str] | None = _f(None, "held-out text, same forms; null: a hash split of data.train")
+    eval_fraction: float = _f(
+        0.01, "share of train documents held out by hash when data.eval is null", gt=0, lt=1
+    )
+    mixture: dict[str, float] | None = _f(
+        None, "sampling weight per source label; null: records in file order"
+    )
+    source_field: str = _f("meta.redpajama_set_name", "dotted path of a record's source label")
+    text_field: str = _f("text", "key of a record's text")
+    hub_split: str = _f("train", "split to stream for hf:// datasets")
+
+    def __post_init__(self) -> None:
+        # One path or many: always a list from here on.
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.eval, str):
+            self.eval = [self.eval]
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out perplexity of the original, parallelized and recovered models."""
+
+    num_sequences: int = _f(32, "held-out sequences of train.seq_len tokens", ge=1)
+    batch_size: int = _f(4, "sequences per forward pass", ge=1)
+    before: bool = _f(True, "also measure the original and the untrained parallelized model")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A whole recovery run."""
+
+    model: ModelConfig = _f(ModelConfig(), "the pretrained model")
+    parallelize: ParallelizeConfig = _f(doc="the layer groups")
+    train: TrainConfig = _f(TrainConfig(), "the optimisation loop")
+    data: DataConfig = _f(DataConfig(), "the text")
+    eval: EvalConfig = _f(EvalConfig(), "the evaluation")
+    output_dir: str = _f(doc="run folder: checkpoints/, logs/, the recovered state and eval.json")
+
+    def check(self, source: str) -> None:
+        """Cross-field checks (raise :class:`RecipeError` naming the field)."""
+        from cqil.plan import GroupPlan
+
+        try:  # the syntax now; the layer range once the model is loaded
+            GroupPlan.parse(self.parallelize.groups, 1 << 20)
+        except ValueError as e:
+            raise RecipeError(source, "parallelize.groups", str(e)) from None
+        loss = self.train.loss
+        if loss.lm == loss.kd == loss.hidden == 0:
+            raise RecipeError(source, "train.loss", "every loss weight is 0; nothing would train")
+        if self.train.warmup_steps > self.train.max_steps:
+            raise RecipeError(source, "train.warmup_steps", f"{self.train.warmup_steps} > train.max_steps")
+        if len(self.train.adam_betas) != 2 or not all(0 <= b < 1 for b in self.train.adam_betas):
+            raise RecipeError(
+                source, "train.adam_betas", f"expected two numbers in [0, 1), got {self.train.adam_betas}"
+            )
+        if loss.hidden and self.train.lora is not None and self.train.lora.target == "all":
+            raise RecipeError(
+                source, "train.loss.hidden", "hidden-state loss is not defined with lora.target=all"
+            )
+        if self.data.mixture is not None:
+            for name, w in self.data.mixture.items():
+                if w < 0:
+                    raise RecipeError(source, f"data.mixture.{name}", f"weight {w} is negative")
+            if not sum(self.data.mixture.values()) > 0:
+                raise RecipeError(source, "data.mixture", "weights sum to 0")
+        if not self.data.train:
+            raise RecipeError(source, "data.train", "no training data given")
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read the YAML recipe at ``path``, apply ``key=value`` overrides, and validate it."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(source, "", f"not valid YAML: {e}") from None
+    return recipe_from_dict(raw if raw is not None else {}, source=source, overrides=overrides)
+
+
+def recipe_from_dict(raw: dict, *, source: str = "<dict>", overrides=()) -> Recipe:
+    """Validate a plain dict (as YAML would give) into a :class:`Recipe`."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = _build(Recipe, raw, "", source)
+    recipe.check(source)
+    return recipe
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in the nested dict ``raw``; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError("override", item, "expected key=value with a dotted key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError("override", key, f"value {text!r} is not valid YAML: {e}") from None
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError("override", ".".join(parts[: i + 1]), "is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain data (what gets written next to a run's outputs)."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def field_docs(cls: type = Recipe, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> one-line doc for every field of the schema (nested sections included)."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        out[key] = f.metadata.get("doc", "")
+        nested = _dataclass_in(hints[f.name])
+        if nested is not None:
+            out |= field_docs(nested, key + ".")
+    return out
+
+
+def _dataclass_in(tp) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _deep_copy(value):
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _build(cls: type, raw, path: str, source: str):
+    if not isinstance(raw, dict):
+        raise RecipeError(source, path, f"expected a mapping (section), got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            close = [n for n in names if _similar(str(key), n)]
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(names))}"
+            raise RecipeError(source, _join(path, key), f"unknown key{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = _join(path, f.name)
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(source, key, f"required ({f.metadata.get('doc', '')})")
+            continue
+        value = _convert(hints[f.name], raw[f.name], key, source)
+        _check_range(f, value, key, source)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _convert(tp, value, path: str, source: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:  # "X | None": X's own error, with its own path
+            return _convert(alternatives[0], value, path, source)
+        errors = []
+        for alt in alternatives:
+            try:
+                return _convert(alt, value, path, source)
+            except RecipeError as e:
+                errors.append(str(e).split(": ", 2)[-1])
+        raise RecipeError(source, path, " / ".join(errors))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, source)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(source, path, f"must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(source, path, f"expected a list, got {_describe(value)}")
+        return [_convert(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(source, path, f"expected a mapping, got {_describe(value)}")
+        return {
+            _convert(args[0], k, path, source): _convert(args[1], v, _join(path, k), source)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(source, path, f"expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(source, path, f"expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        # YAML reads "1e-4" (no dot) as a string; accept it as the number it obviously is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(source, path, f"expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(source, path, f"expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"recipe schema: unsupported type {tp!r} at {path}")
+
+
+def _check_range(f: dataclasses.Field, value, path: str, source: str) -> None:
+    if value is None or isinstance(value, (list, dict, str)) or dataclasses.is_dataclass(value):
+        return
+    checks = {
+        "ge": (lambda v, b: v >= b, ">="),
+        "gt": (lambda v, b: v > b, ">"),
+        "le": (lambda v, b: v <= b, "<="),
+    }
+    checks["lt"] = (lambda v, b: v < b, "<")
+    for name, (ok, sign) in checks.items():
+        if name in f.metadata and not ok(value, f.metadata[name]):
+            raise RecipeError(source, path, f"must be {sign} {f.metadata[name]}; got {value!r}")
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio() >= 0.75
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"

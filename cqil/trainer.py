@@ -1,0 +1,782 @@
+"""The recovery trainer: train only the merged layers and gates of a parallelized model.
+
+One run, top to bottom (:func:`run`): load the model, keep a frozen copy of the original layers of
+the grouped region (the teacher's only weights of its own), measure held-out perplexity of the
+original, parallelize, measure again, train under accelerate (DDP or DeepSpeed ZeRO), checkpoint
+and resume exactly, measure the recovered model, and hand it to the export step.
+
+The teacher is not a second model (DESIGN.md, "Teacher without a second model"): it is the same
+network with the original sequential layers in place of each group. :class:`RecoveryModel` runs the
+layers before the first group once for both, then the student's effective layers with gradients
+and the teacher's path (original layers inside groups, the shared modules elsewhere) under
+``no_grad``, and returns the weighted losses. Under ZeRO-3 the teacher copy is a frozen part of the
+engine's module: partitioned like every weight, gathered by DeepSpeed's hooks in forward, and never
+given to the optimizer, which only ever sees :func:`cqil.trainable_parameters` (or LoRA adapters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cqil.data import TokenStream, heldout_tokens
+from cqil.losses import hidden_loss, kd_loss, lm_loss
+from cqil.plan import GroupPlan
+from cqil.recipe import Recipe, RecipeError, recipe_to_dict
+from cqil.surgery import parallel_groups, parallelize, trainable_parameters
+
+EXIT_PREEMPTED = 75  # SIGTERM / SIGUSR1: a checkpoint was written; resubmit to continue (EX_TEMPFAIL)
+EXIT_NONFINITE = 3  # the loss became NaN or infinite; the last good checkpoint is kept
+CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, losses: dict) -> None:
+        self.step = step
+        super().__init__(f"non-finite loss at step {step}: {losses}; stopped, last good checkpoint kept")
+
+
+class Preempted(RuntimeError):
+    """A SIGTERM / SIGUSR1 arrived; a checkpoint was written and the run should exit."""
+
+
+# ---------------------------------------------------------------------------------------- model
+class RecoveryModel(nn.Module):
+    """The parallelized student plus the teacher's own layers; ``forward(input_ids)`` returns the losses.
+
+    ``teacher_layers`` maps an original layer index to a frozen copy of that original layer, for
+    every layer inside a group (made before the surgery). Everything else the teacher runs is the
+    student's own, frozen, modules.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher_layers: dict[int, nn.Module] | None,
+        *,
+        lm: float = 0.0,
+        kd: float = 1.0,
+        kd_temperature: float = 1.0,
+        hidden: float = 0.0,
+    ) -> None:
+        super().__init__()
+        cqil = student.config.cqil
+        if cqil is None:
+            raise ValueError("the student must be parallelized (cqil.parallelize) first")
+        self.student = student
+        self.weights = {"lm": float(lm), "kd": float(kd), "hidden": float(hidden)}
+        self.kd_temperature = float(kd_temperature)
+        self.needs_teacher = kd > 0 or hidden > 0
+        if self.needs_teacher and not teacher_layers:
+            raise ValueError("kd / hidden losses need the teacher's copies of the grouped layers")
+        self.teacher_layers = nn.ModuleDict({str(i): layer for i, layer in (teacher_layers or {}).items()})
+        for p in self.teacher_layers.parameters():
+            p.requires_grad_(False)
+        plan = GroupPlan.from_dict(cqil["plan"])
+        self.effective = plan.effective_layers()
+        self.is_group = [len(idx) > 1 or idx in set(plan.groups) for idx in self.effective]
+        self.first_group = self.is_group.index(True)
+        config = student.config
+        self._student_types = list(getattr(config, "layer_types", None) or [])
+        self._teacher_types = list(cqil.get("layer_types_original") or [])
+        self._default_type = (
+            "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+        )
+        # With LoRA on layers outside the groups, the prefix differs between student and teacher.
+        self.adapters_outside_groups = False
+
+    # -------------------------------------------------------------- pieces
+    def _masks(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kw = dict(
+            config=self.student.config,
+            inputs_embeds=embeds,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        types = set(self._student_types) | set(self._teacher_types) | {self._default_type}
+        makers = {
+            "full_attention": create_causal_mask,
+            "sliding_attention": create_sliding_window_causal_mask,
+        }
+        return {t: makers[t](**kw) for t in types if t in makers}
+
+    def _student_type(self, e: int) -> str:
+        return self._student_types[e] if self._student_types else self._default_type
+
+    def _teacher_type(self, i: int) -> str:
+        return self._teacher_types[i] if self._teacher_types else self._default_type
+
+    def _run(self, layer: nn.Module, h: torch.Tensor, mask, ctx: dict) -> torch.Tensor:
+        out = layer(h, attention_mask=mask, use_cache=False, **ctx)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.student.lm_head(self.student.model.norm(h))
+
+    # -------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.LongTensor, *, return_logits: bool = False) -> dict:
+        inner = self.student.model
+        layers = inner.layers
+        embeds = inner.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        masks = self._masks(embeds, position_ids)
+        ctx = {"position_embeddings": inner.rotary_emb(embeds, position_ids), "position_ids": position_ids}
+
+        # The layers before the first group are the same for student and teacher: run them once.
+        prefix_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for e in range(self.first_group) for p in layers[e].parameters()
+        )
+        with torch.set_grad_enabled(prefix_grad):
+            h = embeds
+            for e in range(self.first_group):
+                h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
+        shared = h
+
+        student_states = []
+        for e in range(self.first_group, len(self.effective)):
+            h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
+            if self.is_group[e]:
+                student_states.append(h)
+        logits = self._head(h)
+
+        out: dict[str, torch.Tensor] = {}
+        teacher_logits = None
+        if self.needs_teacher:
+            teacher_logits, teacher_states = self.teacher_forward(embeds, shared, masks, ctx)
+            if self.weights["kd"]:
+                out["kd"] = kd_loss(logits, teacher_logits, self.kd_temperature)
+            if self.weights["hidden"]:
+                out["hidden"] = hidden_loss(student_states, teacher_states)
+        if self.weights["lm"]:
+            out["lm"] = lm_loss(logits, input_ids)
+        out["loss"] = sum(self.weights[name] * value for name, value in out.items())
+        if return_logits:
+            out["logits"], out["teacher_logits"] = logits, teacher_logits
+        return out
+
+    @torch.no_grad()
+    def teacher_forward(self, embeds, shared, masks, ctx):
+        """The original model's path from the shared prefix on: (logits, states at group outputs)."""
+        layers = self.student.model.layers
+        with self._adapters_disabled():
+            h = shared.detach()
+            if self.adapters_outside_groups:  # the prefix carries adapters: the teacher runs its own
+                h = embeds.detach()
+                for e in range(self.first_group):
+                    h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
+            states = []
+            for e in range(self.first_group, len(self.effective)):
+                if not self.is_group[e]:
+                    h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
+                    continue
+                for i in self.effective[e]:
+                    h = self._run(self.teacher_layers[str(i)], h, masks[self._teacher_type(i)], ctx)
+                states.append(h)
+            return self._head(h), states
+
+    @contextlib.contextmanager
+    def _adapters_disabled(self):
+        """Switch LoRA adapters off for the teacher without touching ``requires_grad``.
+
+        peft's ``enable_adapters(False)`` also freezes the adapter weights, which must not change
+        inside a DDP forward; the flag it sets is what the LoRA layers' forward reads.
+        """
+        tuners = [m for m in self.student.modules() if hasattr(m, "_disable_adapters")]
+        saved = [m._disable_adapters for m in tuners]
+        for m in tuners:
+            m._disable_adapters = True
+        try:
+            yield
+        finally:
+            for m, value in zip(tuners, saved, strict=True):
+                m._disable_adapters = value
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
+    """Learning-rate multiplier per optimizer step: linear warmup, then cosine/linear decay to min_lr_ratio."""
+    t = recipe.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """One SHA-256 over named tensors' bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def apply_lora(model: nn.Module, lora, *, target: str) -> list[str]:
+    """Inject LoRA adapters (peft) on the linear layers of the groups (``target="groups"``) or of
+    every decoder layer (``"all"``); returns the adapted module names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    prefix = "model.layers."
+    groups = {id(g) for g in parallel_groups(model)}
+    names = []
+    for e, layer in enumerate(model.model.layers):
+        if target == "groups" and id(layer) not in groups:
+            continue
+        names += [f"{prefix}{e}.{n}" for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names)
+    inject_adapter_in_model(config, model)
+    return names
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten(v, key + ".")
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- trainer
+class RecoveryTrainer:
+    """setup() -> train() -> finish() -> cleanup(); see :func:`run`."""
+
+    def __init__(self, recipe: Recipe, *, source: str = "<recipe>") -> None:
+        self.recipe, self.source = recipe, source
+        self.output_dir = Path(recipe.output_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self.results: dict = {}
+        self._stop_signal: int | None = None
+        self._old_handlers: dict = {}
+
+    # -------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+        r, t = self.recipe, self.recipe.train
+        # On CPU, DeepSpeed needs gloo named explicitly (else it asserts on train_batch_size);
+        # a single process has no process group to configure.
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if multi and not torch.cuda.is_available() else []
+        trackers = [x for x in t.trackers]
+        self.accelerator = acc = Accelerator(
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.grad_accum_steps,
+            log_with=trackers or None,
+            project_dir=str(self.output_dir / "logs"),
+            kwargs_handlers=handlers,
+        )
+        set_seed(t.seed)
+        self.log(f"cqil: {acc.num_processes} process(es), {acc.distributed_type}, output {self.output_dir}")
+
+        model, self.tokenizer = self._load_model()
+        n_layers = model.config.num_hidden_layers
+        try:
+            self.plan = GroupPlan.parse(r.parallelize.groups, n_layers)
+        except ValueError as e:
+            raise RecipeError(self.source, "parallelize.groups", str(e)) from None
+        if not self.plan.groups or self.plan.is_identity():
+            raise RecipeError(
+                self.source, "parallelize.groups", "the plan has no group of two or more layers"
+            )
+
+        self.eval_tokens = heldout_tokens(
+            self.tokenizer,
+            r.data.train,
+            r.data.eval,
+            seq_len=t.seq_len,
+            num_sequences=r.eval.num_sequences,
+            heldout_fraction=r.data.eval_fraction,
+            source_field=r.data.source_field,
+            text_field=r.data.text_field,
+            hub_split=r.data.hub_split,
+        )
+        resuming = bool(list_checkpoints(self.output_dir))
+        if r.eval.before and not resuming:
+            self.results["original"] = self._perplexity(model, "original")
+
+        # The teacher's own weights: the grouped region's original layers, copied before the surgery.
+        loss = t.loss
+        teacher = None
+        if loss.kd or loss.hidden:
+            teacher = {i: copy.deepcopy(model.model.layers[i]) for g in self.plan.groups for i in g}
+        p = r.parallelize
+        parallelize(
+            model,
+            self.plan,
+            bypass=p.bypass,
+            bypass_distance=p.bypass_distance,
+            gates=p.gates,
+            gate_shape=p.gate_shape,
+            form=p.form,
+        )
+        if r.eval.before and not resuming:
+            self.results["parallelized"] = self._perplexity(model, "parallelized")
+
+        self.trainable = self._select_trainable(model)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = RecoveryModel(
+            model, teacher, lm=loss.lm, kd=loss.kd, kd_temperature=loss.kd_temperature, hidden=loss.hidden
+        )
+        self.model.adapters_outside_groups = t.lora is not None and t.lora.target == "all"
+        self.model.train()
+        self.frozen_digest = state_digest(self._frozen_state())
+        n_train = sum(p.numel() for p in self.trainable.values())
+        n_all = sum(p.numel() for p in self.model.parameters())
+        self.log(
+            f"cqil: plan {self.plan} ({len(self.plan.groups)} groups); training {n_train:,} of {n_all:,} weights"
+        )
+
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(r))
+        self._configure_deepspeed()
+        self.engine, self.prepared_optimizer = acc.prepare(self.model, self.optimizer)
+
+        self.stream = TokenStream(
+            self.tokenizer,
+            r.data.train,
+            seq_len=t.seq_len,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            mixture=r.data.mixture,
+            seed=t.seed,
+            split=None if r.data.eval else "train",
+            heldout_fraction=r.data.eval_fraction,
+            source_field=r.data.source_field,
+            text_field=r.data.text_field,
+            hub_split=r.data.hub_split,
+        )
+        if trackers:
+            acc.init_trackers("cqil", config=_flatten(recipe_to_dict(r)))
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            from cqil.recipe import dump_recipe
+
+            (self.output_dir / "recipe.yaml").write_text(dump_recipe(r))
+        before = self.output_dir / "eval_before.json"
+        if resuming and before.is_file():  # measured by the first attempt of this run
+            self.results |= json.loads(before.read_text())
+        elif acc.is_main_process and self.results:
+            before.write_text(json.dumps(self.results, indent=1))
+        if resuming:
+            self.resume(list_checkpoints(self.output_dir)[-1])
+        self._install_signal_handlers()
+
+    def _load_model(self):
+        from cqil.pretrained import load_model
+
+        m = self.recipe.model
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None:
+            # The teacher copy and the surgery need whole weights: under ZeRO-3, transformers would
+            # otherwise load into deepspeed.zero.Init and partition them on load. Each rank holds
+            # the model in CPU memory until accelerate.prepare partitions it.
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+        try:
+            return load_model(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation)
+        finally:
+            if plugin is not None:
+                plugin.set_deepspeed_weakref()
+
+    def _select_trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """requires_grad on the groups' parameters (or their LoRA adapters) and nothing else."""
+        t = self.recipe.train
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if t.lora is None:
+            chosen = trainable_parameters(model)
+        else:
+            apply_lora(model, t.lora, target=t.lora.target)
+            gates = {n for n in trainable_parameters(model) if n.endswith(".gates")}
+            chosen = {n: p for n, p in model.named_parameters() if "lora_" in n or n in gates}
+        for p in chosen.values():
+            p.requires_grad_(True)
+        return {f"student.{n}": p for n, p in chosen.items()}
+
+    def _frozen_state(self) -> dict[str, torch.Tensor]:
+        trainable = {id(p) for p in self.trainable.values()}
+        return {n: p for n, p in self.model.named_parameters() if id(p) not in trainable}
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.recipe.train
+        decay = [p for n, p in self.trainable.items() if p.dim() >= 2 and not n.endswith(".gates")]
+        no_decay = [p for n, p in self.trainable.items() if not (p.dim() >= 2 and not n.endswith(".gates"))]
+        groups = [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        betas = tuple(t.adam_betas)
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get(
+            "offload_optimizer", {}
+        ).get("device", "none") not in ("none", None):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # optimizer states on the CPU need its kernel
+
+            return DeepSpeedCPUAdam(groups, lr=t.lr, betas=betas, adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=t.lr, betas=betas, foreach=False)
+
+    def _configure_deepspeed(self) -> None:
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        t = self.recipe.train
+        # No DataLoader goes through accelerate, so DeepSpeed cannot infer the batch size ("auto").
+        cfg = plugin.deepspeed_config
+        cfg["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+        cfg["gradient_accumulation_steps"] = t.grad_accum_steps
+        cfg["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * self.accelerator.num_processes
+        cfg["gradient_clipping"] = t.max_grad_norm
+        cfg.setdefault("steps_per_print", 10**9)
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.accelerator.state.deepspeed_plugin is not None
+
+    # -------------------------------------------------------------- evaluation
+    def _perplexity(self, model: nn.Module, label: str) -> dict:
+        from cqil.evaluate import perplexity
+
+        t0 = time.time()
+        result = perplexity(model, self.eval_tokens, batch_size=self.recipe.eval.batch_size, progress=False)
+        result["seconds"] = round(time.time() - t0, 1)
+        self.log(f"cqil: held-out perplexity, {label}: {result['ppl']:.3f} ({result['tokens']} tokens)")
+        return result
+
+    # -------------------------------------------------------------- train
+    def train(self) -> None:
+        _r, t, acc = self.recipe, self.recipe.train, self.accelerator
+        device = acc.device
+        tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum_steps * acc.num_processes
+        bar = None
+        if acc.is_main_process and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        start, start_step = time.time(), self.step
+        window_time, window_tokens = time.time(), 0
+        sums: dict[str, float] = {}
+        while self.step < t.max_steps:
+            step_losses: dict[str, torch.Tensor] = {}
+            for _ in range(t.grad_accum_steps):
+                batch = self.stream.next_batch(t.micro_batch_size).to(device)
+                with acc.accumulate(self.engine):
+                    out = self.engine(batch)
+                    acc.backward(out["loss"])
+                    if acc.sync_gradients and t.max_grad_norm > 0 and not self.is_deepspeed:
+                        acc.clip_grad_norm_(list(self.trainable.values()), t.max_grad_norm)
+                    self.prepared_optimizer.step()
+                    self.prepared_optimizer.zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    step_losses[k] = step_losses.get(k, 0.0) + v.detach().float() / t.grad_accum_steps
+            self.scheduler.step()
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+
+            names = sorted(step_losses)
+            reduced = acc.reduce(torch.stack([step_losses[k] for k in names]), reduction="mean")
+            values = dict(zip(names, reduced.tolist(), strict=True))
+            if not all(math.isfinite(v) for v in values.values()):
+                raise NonFiniteLossError(self.step, values)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+
+            if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
+                n = t.log_every_steps if self.step % t.log_every_steps == 0 else self.step % t.log_every_steps
+                means = {k: s / n for k, s in sums.items()}
+                sums = {}
+                now = time.time()
+                tok_s = window_tokens / max(now - window_time, 1e-9)
+                window_time, window_tokens = now, 0
+                elapsed = now - start
+                eta = elapsed / max(self.step - start_step, 1) * (t.max_steps - self.step)
+                lr = self.scheduler.get_last_lr()[0]
+                parts = " ".join(f"{k} {means[k]:.4f}" for k in ["loss"] + [k for k in means if k != "loss"])
+                line = (
+                    f"step {self.step:>{len(str(t.max_steps))}}/{t.max_steps} | {parts} | lr {lr:.2e} | "
+                    f"{tok_s:,.0f} tok/s | peak mem {peak_memory_gb():.2f} GB | "
+                    f"{_fmt_time(elapsed)} elapsed, ETA {_fmt_time(eta)}"
+                )
+                self.log(line, bar=bar)
+                acc.log(
+                    {f"train/{k}": v for k, v in means.items()} | {"train/lr": lr, "train/tok_s": tok_s},
+                    step=self.step,
+                )
+
+            if t.save_every_steps and self.step % t.save_every_steps == 0 and self.step < t.max_steps:
+                self.save_checkpoint()
+            if self._signalled():
+                self.save_checkpoint()
+                raise Preempted(f"signal {self._stop_signal}: checkpoint written at step {self.step}")
+        if bar is not None:
+            bar.close()
+        if (
+            not list_checkpoints(self.output_dir)
+            or list_checkpoints(self.output_dir)[-1].name != self._ckpt_name()
+        ):
+            self.save_checkpoint()
+
+    # -------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _signalled(self) -> bool:
+        # Every rank must agree, or one would wait forever in the checkpoint's collectives.
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.accelerator.device)
+        flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return flag.item() > 0
+
+    # -------------------------------------------------------------- checkpoints
+    def _ckpt_name(self, step: int | None = None) -> str:
+        return f"step-{self.step if step is None else step:06d}"
+
+    def save_checkpoint(self) -> Path:
+        """Write the full training state to ``checkpoints/step-NNNNNN/`` (via a temporary name)."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / self._ckpt_name()
+        tmp = root / f".{final.name}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if self.is_deepspeed:
+            self.engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+        elif acc.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        rank_state = {
+            "stream": self.stream.state_dict(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(rank_state, tmp / f"rank-{acc.process_index:03d}.pt")
+        if acc.is_main_process:
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": acc.num_processes}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.output_dir)[: -self.recipe.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.log(f"cqil: checkpoint {final}")
+        acc.wait_for_everyone()
+        return final
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous().clone() for n, p in self.trainable.items()}
+
+    def resume(self, path: Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; training continues bit-exactly."""
+        acc = self.accelerator
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != acc.num_processes:
+            raise RuntimeError(
+                f"{path} was written by {state['world_size']} processes; resume with the same number, "
+                f"not {acc.num_processes}"
+            )
+        if self.is_deepspeed:
+            self.engine.load_checkpoint(
+                str(path), tag="deepspeed", load_module_strict=False, load_lr_scheduler_states=False
+            )
+        else:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(path / "trainable.safetensors"))
+            missing = set(self.trainable) ^ set(saved)
+            if missing:
+                raise RuntimeError(
+                    f"{path}: trainable weights do not match this recipe: {sorted(missing)[:5]}"
+                )
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(saved[n])
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rank_state = torch.load(path / f"rank-{acc.process_index:03d}.pt", weights_only=False)
+        self.stream.load_state_dict(rank_state["stream"])
+        random.setstate(rank_state["python"])
+        np.random.set_state(rank_state["numpy"])
+        torch.set_rng_state(rank_state["torch"])
+        if rank_state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rank_state["cuda"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.log(f"cqil: resumed from {path} at step {self.step}")
+
+    # -------------------------------------------------------------- end of run
+    def finish(self, export_fn: Callable | None = None) -> dict:
+        """Check the frozen weights, evaluate the recovered model, save and export. Returns the results."""
+        acc = self.accelerator
+        self.model.eval()
+        with self._gathered():
+            after = state_digest(self._frozen_state())
+            trainable = self._trainable_state()
+            self.results["recovered"] = self._perplexity(self.model.student, "recovered")
+        self.model.train()
+        if after != self.frozen_digest:
+            raise RuntimeError("frozen weights changed during training (they must stay bit-identical)")
+        self.results |= {
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "frozen_digest": after,
+            "trainable_digest": state_digest(trainable),
+            "plan": self.plan.to_dict(),
+        }
+        if acc.is_main_process:
+            (export_fn or save_recovered)(self, trainable)
+            (self.output_dir / "eval.json").write_text(json.dumps(self.results, indent=1))
+            self.log(
+                "cqil: held-out perplexity "
+                + ", ".join(
+                    f"{k} {self.results[k]['ppl']:.3f}"
+                    for k in ("original", "parallelized", "recovered")
+                    if k in self.results
+                )
+            )
+        acc.wait_for_everyone()
+        return self.results
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """Under ZeRO-3, gather the partitioned weights for a full-model read; elsewhere a no-op."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            yield
+
+    def cleanup(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers = {}
+        if hasattr(self, "accelerator"):
+            # Without this, about one multi-process run in six aborts at exit.
+            self.accelerator.end_training()
+
+    # -------------------------------------------------------------- logging
+    def log(self, line: str, bar=None) -> None:
+        """One line on the main process (through tqdm when a bar is showing)."""
+        if hasattr(self, "accelerator") and not self.accelerator.is_main_process:
+            return
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def save_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor]) -> Path:
+    """Until ``cqil.export`` lands: the trained weights (safetensors) and how to rebuild the model.
+
+    This is the export seam: :func:`run` takes ``export_fn(trainer, trainable_state)`` and calls it
+    once, on the main process, after the final evaluation.
+    """
+    from safetensors.torch import save_file
+
+    out = trainer.output_dir / "recovered"
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "student."
+    save_file({n[len(prefix) :]: t for n, t in trainable.items()}, str(out / "trainable.safetensors"))
+    cqil = dict(trainer.model.student.config.cqil)
+    info = {
+        "base_model": trainer.recipe.model.name_or_path,
+        "cqil": cqil,
+        "lora": trainer.recipe.train.lora is not None,
+    }
+    (out / "recovered.json").write_text(json.dumps(info, indent=1, default=str))
+    return out
+
+
+def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: Callable | None = None) -> int:
+    """Run a whole recovery from ``recipe``; returns the process exit code (0, EXIT_PREEMPTED or EXIT_NONFINITE)."""
+    trainer = RecoveryTrainer(recipe, source=source)
+    try:
+        trainer.setup()
+        trainer.train()
+        trainer.finish(export_fn)
+        return 0
+    except Preempted as e:
+        trainer.log(f"cqil: {e}; exiting with code {EXIT_PREEMPTED}")
+        return EXIT_PREEMPTED
+    except NonFiniteLossError as e:
+        trainer.log(f"cqil: {e}")
+        return EXIT_NONFINITE
+    finally:
+        trainer.cleanup()

@@ -1,0 +1,158 @@
+"""cqil.recipe: every shipped recipe loads; every bad key, type or range names its file and dotted path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cqil.recipe import Recipe, RecipeError, field_docs, load_recipe, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+REQUIRED_KEYS = [
+    "model.name_or_path",
+    "model.dtype",
+    "parallelize.groups",
+    "parallelize.bypass",
+    "parallelize.bypass_distance",
+    "parallelize.gates",
+    "parallelize.form",
+    "train.max_steps",
+    "train.seq_len",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.lr",
+    "train.warmup_steps",
+    "train.save_every_steps",
+    "train.seed",
+    "train.loss.lm",
+    "train.loss.kd",
+    "train.loss.kd_temperature",
+    "train.loss.hidden",
+    "train.lora",
+    "data.train",
+    "data.eval",
+    "data.mixture",
+    "output_dir",
+]
+MINIMAL = {"parallelize": {"groups": "2-6:2"}, "output_dir": "out"}
+
+
+def test_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"smollm2_135m", "llama7b", "llama3_2_3b", "qwen2_5_7b", "cqil_style", "lp_style"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_and_documents_itself(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    head = path.read_text().splitlines()
+    assert head[0].startswith("# ")
+    header = "\n".join(line for line in head if line.startswith("#"))
+    assert (
+        "Purpose" in header
+        and "Needs" in header
+        and "train/recover.py recipes/" + path.name
+        in header.replace("\\\n#       ", "").replace("\n#   ", " ")
+    )
+
+
+def test_comparison_recipes_use_equal_tokens():
+    def tokens(name):
+        t = load_recipe(next(p for p in RECIPES if p.stem == name)).train
+        return t.max_steps * t.seq_len * t.micro_batch_size * t.grad_accum_steps
+
+    assert tokens("smollm2_135m") == tokens("cqil_style") == tokens("lp_style")
+    cqil = load_recipe(next(p for p in RECIPES if p.stem == "cqil_style"))
+    assert cqil.train.lora.r == 32 and cqil.train.lora.target == "all" and cqil.train.loss.lm == 0
+    lp = load_recipe(next(p for p in RECIPES if p.stem == "lp_style"))
+    assert lp.train.loss.kd == 0 and lp.train.loss.lm > 0 and lp.train.lora is None
+
+
+def test_llama7b_is_the_cqil_paper_setting():
+    r = load_recipe(next(p for p in RECIPES if p.stem == "llama7b"))
+    assert r.parallelize.groups == "12-30:2" and r.model.dtype == "bfloat16"
+    assert r.data.train == ["hf://togethercomputer/RedPajama-Data-1T-Sample"]
+
+
+def test_required_keys_exist_and_every_field_has_a_doc():
+    docs = field_docs()
+    assert set(REQUIRED_KEYS) <= set(docs)
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+
+
+def test_defaults_and_overrides():
+    r = recipe_from_dict(
+        MINIMAL,
+        overrides=[
+            "parallelize.groups=[[2,3],[4,5]]",
+            "train.lr=3e-4",
+            "train.lora={r: 8}",
+            "data.train=x.jsonl",
+        ],
+    )
+    assert r.parallelize.groups == [[2, 3], [4, 5]]
+    assert r.train.lr == 3e-4 and r.train.lora.r == 8 and r.train.lora.target == "groups"
+    assert r.data.train == ["x.jsonl"] and r.train.lora is not None
+    assert recipe_from_dict(MINIMAL).train.lora is None
+    # Defaults are not shared between recipes.
+    a, b = recipe_from_dict(MINIMAL), recipe_from_dict(MINIMAL)
+    a.train.loss.kd = 5
+    assert b.train.loss.kd == 1.0 and dataclasses.is_dataclass(b.train.loss)
+
+
+@pytest.mark.parametrize(
+    "override, path, message",
+    [
+        ("train.lrr=1", "train.lrr", "did you mean 'lr'"),
+        ("trian.lr=1", "trian", "unknown key"),
+        ("train.loss.kl=1", "train.loss.kl", "unknown key"),
+        ("train.max_steps=1.5", "train.max_steps", "integer"),
+        ("train.max_steps=0", "train.max_steps", ">= 1"),
+        ("train.max_steps=true", "train.max_steps", "integer"),
+        ("train.lr=-1", "train.lr", "> 0"),
+        ("train.lr=fast", "train.lr", "number"),
+        ("train.loss.kd=-0.5", "train.loss.kd", ">= 0"),
+        ("train.loss.kd_temperature=0", "train.loss.kd_temperature", "> 0"),
+        ("train.lora.r=0", "train.lora.r", ">= 1"),
+        ("train.lora.target=attention", "train.lora.target", "one of"),
+        ("parallelize.bypass=both", "parallelize.bypass", "one of"),
+        ("parallelize.bypass_distance=0", "parallelize.bypass_distance", ">= 1"),
+        ("parallelize.groups=5", "parallelize.groups", "string"),
+        ("parallelize.groups=12-31:2", "parallelize.groups", "multiple of the degree"),
+        ("model.dtype=float8", "model.dtype", "one of"),
+        ("data.mixture=[a]", "data.mixture", "mapping"),
+        ("data.mixture={a: -1}", "data.mixture.a", "negative"),
+        ("data.eval_fraction=1", "data.eval_fraction", "< 1"),
+        ("train.warmup_steps=500", "train.warmup_steps", "max_steps"),
+        ("train.loss={kd: 0, lm: 0, hidden: 0}", "train.loss", "nothing would train"),
+        ("train.trackers=[mlflow]", "train.trackers[0]", "one of"),
+        ("train=3", "train", "mapping"),
+    ],
+)
+def test_errors_name_the_file_and_dotted_path(tmp_path, override, path, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("parallelize:\n  groups: '2-6:2'\noutput_dir: out\n")
+    with pytest.raises(RecipeError, match=message) as caught:
+        load_recipe(recipe, [override])
+    assert str(caught.value).startswith(f"{recipe}: {path}: ")
+    assert caught.value.path == path
+
+
+def test_errors_in_the_file_itself(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("parallelize:\n  groups: '2-6:2'\n  gate: fixed\noutput_dir: out\n")
+    with pytest.raises(RecipeError, match=rf"^{bad}: parallelize.gate: unknown key; did you mean 'gates'"):
+        load_recipe(bad)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("output_dir: out\n")
+    with pytest.raises(RecipeError, match=rf"^{missing}: parallelize: required"):
+        load_recipe(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(broken)
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(bad, ["train.lr"])

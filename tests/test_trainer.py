@@ -1,0 +1,241 @@
+"""cqil.trainer on tiny local models, in one process: the shared-prefix teacher, what trains, the
+optimizer state, exact resume, preemption and non-finite losses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cqil.recipe import recipe_from_dict
+from cqil.surgery import parallelize, trainable_parameters
+from cqil.trainer import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    RecoveryModel,
+    RecoveryTrainer,
+    apply_lora,
+    list_checkpoints,
+    run,
+    state_digest,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_model  # noqa: E402
+from tiny_text import make_tokenizer, write_corpus  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def teacher_copies(model, groups):
+    return {i: copy.deepcopy(model.model.layers[i]) for g in groups for i in g}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("bypass", ["lp", "none"])
+def test_teacher_is_the_original_model_and_student_the_parallelized_one(arch, bypass, input_ids):
+    model = make_model(arch)
+    with torch.no_grad():
+        original = model(input_ids).logits
+    groups = [[2, 3], [5, 6, 7]]
+    teacher = teacher_copies(model, groups)
+    parallelize(model, groups, bypass=bypass)
+    with torch.no_grad():
+        student = model(input_ids).logits
+    rm = RecoveryModel(model, teacher, kd=1.0, hidden=1.0, lm=1.0).eval()
+    with torch.no_grad():
+        out = rm(input_ids, return_logits=True)
+    torch.testing.assert_close(out["teacher_logits"], original, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["logits"], student, rtol=0, atol=1e-5)
+    assert not torch.allclose(student, original, atol=1e-3)  # the surgery did change the model
+    assert set(out) == {"loss", "lm", "kd", "hidden", "logits", "teacher_logits"}
+    assert out["kd"] > 0 and out["hidden"] > 0
+
+
+def test_teacher_runs_without_gradients_and_only_groups_get_them(input_ids):
+    model = make_model("llama")
+    teacher = teacher_copies(model, [[2, 3]])
+    parallelize(model, [[2, 3]])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable_parameters(model).values():
+        p.requires_grad_(True)
+    rm = RecoveryModel(model, teacher, kd=1.0, hidden=0.5).train()
+    rm(input_ids)["loss"].backward()
+    grads = {n for n, p in rm.named_parameters() if p.grad is not None}
+    assert grads == {f"student.{n}" for n in trainable_parameters(model)}
+    assert all(not p.requires_grad for p in rm.teacher_layers.parameters())
+
+
+def test_lora_teacher_is_the_model_with_adapters_off(input_ids):
+    model = make_model("llama")
+    with torch.no_grad():
+        original = model(input_ids).logits
+    teacher = teacher_copies(model, [[2, 3]])
+    parallelize(model, [[2, 3]], bypass="none", gates="fixed")
+    lora = recipe_from_dict(
+        {"parallelize": {"groups": "2-4:2"}, "output_dir": "x", "train": {"lora": {"r": 4}}}
+    )
+    apply_lora(model, lora.train.lora, target="all")
+    with torch.no_grad():  # adapters start as a no-op; make them count
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    rm = RecoveryModel(model, teacher, kd=1.0)
+    rm.adapters_outside_groups = True
+    with torch.no_grad():
+        out = rm(input_ids, return_logits=True)
+    torch.testing.assert_close(out["teacher_logits"], original, rtol=0, atol=1e-5)
+    assert out["kd"] > 1e-4
+
+
+# ------------------------------------------------------------------------------------ whole runs
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_model("llama")
+    model.save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    write_corpus(root / "train.jsonl.gz")
+    return root
+
+
+def tiny_recipe(root: Path, out: Path, **train):
+    t = dict(
+        max_steps=6,
+        seq_len=16,
+        micro_batch_size=2,
+        grad_accum_steps=2,
+        lr=3e-3,
+        warmup_steps=1,
+        log_every_steps=1,
+        trackers=[],
+        save_every_steps=3,
+        loss={"kd": 1.0, "lm": 0.5, "hidden": 0.1},
+    )
+    t.update(train)
+    return recipe_from_dict(
+        {
+            "model": {"name_or_path": str(root / "model")},
+            "parallelize": {"groups": "2-6:2"},
+            "train": t,
+            "data": {"train": str(root / "train.jsonl.gz"), "eval_fraction": 0.2},
+            "eval": {"num_sequences": 4},
+            "output_dir": str(out),
+        }
+    )
+
+
+def test_run_trains_only_the_groups_and_recovers(tiny_model_dir, tmp_path):
+    trainer = RecoveryTrainer(tiny_recipe(tiny_model_dir, tmp_path / "run"))
+    try:
+        trainer.setup()
+        student = trainer.model.student
+        expected = {f"student.{n}" for n in trainable_parameters(student)}
+        assert set(trainer.trainable) == expected
+        assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == expected
+        frozen_before = {n: p.clone() for n, p in trainer._frozen_state().items()}
+        trainer.train()
+        # Optimizer state exists for exactly the trainable parameters.
+        ids = {id(p) for p in trainer.trainable.values()}
+        assert {id(p) for p in trainer.optimizer.state} == ids
+        assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(ids)
+        for n, p in trainer._frozen_state().items():
+            assert torch.equal(p, frozen_before[n]), n
+        results = trainer.finish()
+    finally:
+        trainer.cleanup()
+    assert results["recovered"]["ppl"] < results["parallelized"]["ppl"]
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["steps"] == 6 and {"original", "parallelized", "recovered"} <= set(saved)
+    assert (tmp_path / "run" / "recovered" / "trainable.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003", "step-000006"]
+
+
+def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(tiny_recipe(tiny_model_dir, full)) == 0
+    # An interrupted run: the same recipe, stopped right after the checkpoint at step 3.
+    recipe = tiny_recipe(tiny_model_dir, part)
+    trainer = RecoveryTrainer(recipe)
+    trainer.setup()
+    original_save = trainer.save_checkpoint
+
+    def save_then_die():
+        original_save()
+        raise KeyboardInterrupt
+
+    trainer.save_checkpoint = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.cleanup()
+    assert [p.name for p in list_checkpoints(part)] == ["step-000003"]
+    assert run(tiny_recipe(tiny_model_dir, part)) == 0
+    a = json.loads((full / "eval.json").read_text())
+    b = json.loads((part / "eval.json").read_text())
+    assert a["trainable_digest"] == b["trainable_digest"] and a["frozen_digest"] == b["frozen_digest"]
+    assert a["recovered"]["ppl"] == b["recovered"]["ppl"]
+
+
+def test_sigterm_checkpoints_and_exits_with_its_code(tiny_model_dir, tmp_path, monkeypatch):
+    from cqil import data
+
+    calls = {"n": 0}
+    original = data.TokenStream.next_batch
+
+    def next_batch(self, n):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, n)
+
+    monkeypatch.setattr(data.TokenStream, "next_batch", next_batch)
+    assert run(tiny_recipe(tiny_model_dir, tmp_path / "run", save_every_steps=0)) == EXIT_PREEMPTED
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_non_finite_loss_stops_and_names_the_step(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    forward = RecoveryModel.forward
+
+    def poisoned(self, input_ids, **kw):
+        out = forward(self, input_ids, **kw)
+        calls["n"] += 1
+        if calls["n"] >= 9:  # step 5 (two micro-batches per step)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(RecoveryModel, "forward", poisoned)
+    assert run(tiny_recipe(tiny_model_dir, tmp_path / "run")) == EXIT_NONFINITE
+    assert "non-finite loss at step 5" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003"]
+
+
+def test_lora_run_trains_only_adapters(tiny_model_dir, tmp_path):
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", lora={"r": 4, "target": "groups"}, max_steps=2)
+    trainer = RecoveryTrainer(recipe)
+    try:
+        trainer.setup()
+        names = set(trainer.trainable)
+        assert names and all("lora_" in n or n.endswith(".gates") for n in names)
+        assert all(".layers.2." in n or ".layers.3." in n for n in names if "lora_" in n)  # the two groups
+        digest = state_digest(trainer._frozen_state())
+        trainer.train()
+        assert state_digest(trainer._frozen_state()) == digest
+    finally:
+        trainer.cleanup()
