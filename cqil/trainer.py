@@ -680,34 +680,34 @@ class RecoveryTrainer:
 
     # -------------------------------------------------------------- end of run
     def finish(self, export_fn: Callable | None = None) -> dict:
-        """Check the frozen weights, evaluate the recovered model, save and export. Returns the results."""
+        """Check the frozen weights, evaluate the recovered model and export it. Returns the results."""
         acc = self.accelerator
         self.model.eval()
+        # Under ZeRO-3 every rank enters the gathered context; only the main process writes.
         with self._gathered():
             after = state_digest(self._frozen_state())
             trainable = self._trainable_state()
             self.results["recovered"] = self._perplexity(self.model.student, "recovered")
-        self.model.train()
-        if after != self.frozen_digest:
-            raise RuntimeError("frozen weights changed during training (they must stay bit-identical)")
-        self.results |= {
-            "steps": self.step,
-            "tokens_seen": self.tokens_seen,
-            "frozen_digest": after,
-            "trainable_digest": state_digest(trainable),
-            "plan": self.plan.to_dict(),
-        }
-        if acc.is_main_process:
-            (export_fn or save_recovered)(self, trainable)
-            (self.output_dir / "eval.json").write_text(json.dumps(self.results, indent=1))
-            self.log(
-                "cqil: held-out perplexity "
-                + ", ".join(
-                    f"{k} {self.results[k]['ppl']:.3f}"
-                    for k in ("original", "parallelized", "recovered")
-                    if k in self.results
+            if after != self.frozen_digest:
+                raise RuntimeError("frozen weights changed during training (they must stay bit-identical)")
+            self.results |= {
+                "steps": self.step,
+                "tokens_seen": self.tokens_seen,
+                "frozen_digest": after,
+                "trainable_digest": state_digest(trainable),
+                "plan": self.plan.to_dict(),
+            }
+            if acc.is_main_process:
+                (self.output_dir / "eval.json").write_text(json.dumps(self.results, indent=1))
+                (export_fn or export_recovered)(self, trainable)
+                self.log(
+                    "cqil: held-out perplexity "
+                    + ", ".join(
+                        f"{k} {self.results[k]['ppl']:.3f}"
+                        for k in ("original", "parallelized", "recovered")
+                        if k in self.results
+                    )
                 )
-            )
         acc.wait_for_everyone()
         return self.results
 
@@ -742,26 +742,42 @@ class RecoveryTrainer:
             print(line, file=sys.stderr, flush=True)
 
 
-def save_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor]) -> Path:
-    """Until ``cqil.export`` lands: the trained weights (safetensors) and how to rebuild the model.
+def merge_lora(model: nn.Module) -> None:
+    """Fold injected LoRA adapters into their base linear layers and put the plain layers back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+
+
+def export_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor]) -> Path:
+    """The default end of a run: the recovered model as a Hugging Face folder, ``output_dir/model/``.
 
     This is the export seam: :func:`run` takes ``export_fn(trainer, trainable_state)`` and calls it
-    once, on the main process, after the final evaluation.
+    once, on the main process, after the final evaluation (inside the ZeRO-3 gather).
     """
-    from safetensors.torch import save_file
+    from cqil.export import export_model
 
-    out = trainer.output_dir / "recovered"
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = "student."
-    save_file({n[len(prefix) :]: t for n, t in trainable.items()}, str(out / "trainable.safetensors"))
-    cqil = dict(trainer.model.student.config.cqil)
-    info = {
+    student = trainer.model.student
+    if trainer.recipe.train.lora is not None:
+        merge_lora(student)  # the end of the run: the student is not trained any further
+    results = trainer.results
+    report = {
+        "perplexity": {k: results[k] for k in ("original", "parallelized", "recovered") if k in results},
+        "tokens_trained": results.get("tokens_seen"),
         "base_model": trainer.recipe.model.name_or_path,
-        "cqil": cqil,
-        "lora": trainer.recipe.train.lora is not None,
     }
-    (out / "recovered.json").write_text(json.dumps(info, indent=1, default=str))
-    return out
+    return export_model(
+        student,
+        trainer.output_dir / "model",
+        tokenizer=trainer.tokenizer,
+        report=report,
+        recipe=recipe_to_dict(trainer.recipe),
+        overwrite=True,  # output_dir belongs to this run; a resumed run replaces its own export
+    )
 
 
 def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: Callable | None = None) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cqil.export import load_export
 from cqil.recipe import recipe_from_dict
 from cqil.surgery import parallelize, trainable_parameters
 from cqil.trainer import (
@@ -162,7 +163,11 @@ def test_run_trains_only_the_groups_and_recovers(tiny_model_dir, tmp_path):
     assert results["recovered"]["ppl"] < results["parallelized"]["ppl"]
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert saved["steps"] == 6 and {"original", "parallelized", "recovered"} <= set(saved)
-    assert (tmp_path / "run" / "recovered" / "trainable.safetensors").is_file()
+    # The run ends with the recovered model exported: it loads and computes what was trained.
+    exported = load_export(tmp_path / "run" / "model")
+    ids = torch.randint(0, student.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003", "step-000006"]
 
 
