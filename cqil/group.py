@@ -429,15 +429,19 @@ class MergedGroup(ParallelGroup):
             gate_up = self.gate_up_proj(r).view(*r.shape[:-1], self.degree, 2, inter)
             hidden = self.act_fn(gate_up[..., 0, :]) * gate_up[..., 1, :]
             return self.down_proj(hidden.flatten(-2))
+        # Branch by branch: its gate/up rows on its own input, then its columns of down_proj,
+        # accumulated (cheaper than concatenating the P hidden activations for one wide matmul).
         w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
-        hidden = []
+        total = None
         for j in range(self.degree):
             rows = slice(2 * j * inter, 2 * (j + 1) * inter)
             gate, up = nn.functional.linear(r[j], w[rows], None if b is None else b[rows]).split(
                 inter, dim=-1
             )
-            hidden.append(self.act_fn(gate) * up)
-        return self.down_proj(torch.cat(hidden, dim=-1))  # (B, T, P*I), branch-major like down_proj
+            cols = slice(j * inter, (j + 1) * inter)
+            m = nn.functional.linear(self.act_fn(gate) * up, self.down_proj.weight[:, cols])
+            total = m if total is None else total + m
+        return total if self.down_proj.bias is None else total + self.down_proj.bias
 
     @torch.no_grad()
     def plain_layer_state_dict(self) -> dict[str, torch.Tensor]:
