@@ -115,7 +115,8 @@ def export_model(
         cqil["folded"] = True
     cpu = torch.device("cpu")
     state = {
-        k: v.detach().to(cpu, torch_dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
+        k: _owned(v.detach().to(cpu, torch_dtype if v.is_floating_point() else v.dtype))
+        for k, v in state.items()
     }
 
     text_config.dtype = torch_dtype
@@ -289,6 +290,14 @@ def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str,
             del state[key]
         state.update({f"{prefix}.{idx}.{name}": tensor for name, tensor in plain.items()})
     return state
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy when it is a view into a larger buffer (DeepSpeed keeps parameters in
+    flat buffers), which safetensors refuses to save."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def _save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:

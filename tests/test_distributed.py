@@ -8,6 +8,7 @@ The first DeepSpeed run compiles DeepSpeed's CPU communication op (about a minut
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -95,18 +96,37 @@ def check_run(out: Path, stderr: str) -> dict:
     return result
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (the ranks run in sessions of their own, so a process-group
+    kill would miss them and leave them hanging on a collective)."""
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for row in rows.splitlines():
+        pid, ppid = map(int, row.split())
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
 def kill_after_first_checkpoint(setup: Path, kind: str, out: Path) -> None:
     cmd, env = command(setup, kind, out)
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe: a full pipe would stall the run
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 400
     try:
         while not (out / "checkpoints" / "step-000002").is_dir():
-            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            assert proc.poll() is None, log.read_text()[-4000:]
             assert time.time() < deadline
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
+        for pid in process_tree(proc.pid):  # the launcher and both ranks, mid-step
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "eval.json").exists()
 
