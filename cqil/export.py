@@ -23,6 +23,7 @@ end, so a failure leaves no partial folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -678,10 +679,31 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of the weights a saved model with ``config`` has (tied copies left out)."""
     from cqil.modeling.modeling_cqil import CqilForCausalLM
 
-    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+    with torch.device("meta"), _without_zero3_init():  # shapes only: nothing allocated or initialised
         skeleton = CqilForCausalLM(config)
     tied = set(skeleton.all_tied_weights_keys)
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Build a model as plain modules even inside a DeepSpeed ZeRO-3 run.
+
+    There transformers builds every model inside ``deepspeed.zero.Init``, whose partitioning is a
+    collective call: an export runs on the main process alone and would wait forever for the
+    other ranks.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _compare_shapes(

@@ -93,6 +93,7 @@ def check_run(out: Path, stderr: str) -> dict:
     assert len(curve) == STEPS
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve  # the loss goes down
     assert result["recovered"]["ppl"] < result["parallelized"]["ppl"]
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
     return result
 
 
