@@ -24,6 +24,7 @@ _EXPORTS = {
     "export_model": "cqil.export",
     "load_export": "cqil.export",
     "push_to_hub": "cqil.export",
+    "search_plan": "cqil.search",
 }
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "load_model",
     "parallelize",
     "push_to_hub",
+    "search_plan",
     "trainable_parameters",
 ]
 
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from cqil.export import export_model, load_export, push_to_hub
     from cqil.plan import GroupPlan
     from cqil.pretrained import fetch_model, load_model
+    from cqil.search import search_plan
     from cqil.similarity import analyze
     from cqil.surgery import parallelize, trainable_parameters
 

@@ -121,6 +121,53 @@ def suggest_plan(sim, *, num_groups: int, degree: int) -> GroupPlan:
     return GroupPlan.parse(_range_spec(best, degree), len(sim))
 
 
+def rank_groups(
+    model, tokens: torch.LongTensor, sim, *, degree: int, bypass: str = "lp", batch_size: int = 4
+) -> list[dict]:
+    """Every group of ``degree`` consecutive layers ranked two ways: by input similarity and measured.
+
+    ``sim`` is the (L, L) input-similarity matrix. Each group is also run as a one-group plan on
+    ``tokens`` (:func:`cqil.search.measure_windows`: calibration KL from the original model and
+    perplexity). Returns one entry per group, by first layer: ``{"layers", "similarity",
+    "similarity_rank", "kl", "ppl", "measured_rank"}`` (rank 1 is the best: most similar inputs,
+    lowest KL). Where the ranks disagree, similarity is a poor guide.
+    """
+    from cqil.search import measure_windows
+
+    sim = torch.as_tensor(sim, dtype=torch.float64)
+    measured, _ = measure_windows(model, tokens, degree=degree, bypass=bypass, batch_size=batch_size)
+    pairs = torch.triu_indices(degree, degree, offset=1)
+    entries = []
+    for m in measured:
+        s = m["layers"][0]
+        score = sim[s + pairs[0], s + pairs[1]].mean().item()
+        entries.append({"layers": m["layers"], "similarity": score, "kl": m["kl"], "ppl": m["ppl"]})
+    for key, name, sign in (("similarity", "similarity_rank", -1), ("kl", "measured_rank", 1)):
+        order = sorted(range(len(entries)), key=lambda i: (sign * entries[i][key], i))
+        for rank, i in enumerate(order, start=1):
+            entries[i][name] = rank
+    return entries
+
+
+def format_group_ranking(result: dict, top: int = 10) -> str:
+    """The ``top`` groups by measured KL next to their similarity rank, as a plain-text table."""
+    groups = sorted(result.get("groups", []), key=lambda g: g["measured_rank"])[:top]
+    header = ["measured", "group", "KL", "ppl", "similarity", "sim rank"]
+    rows = [
+        [
+            str(g["measured_rank"]),
+            f"{g['layers'][0]}-{g['layers'][-1]}",
+            f"{g['kl']:.4f}",
+            f"{g['ppl']:.2f}",
+            f"{g['similarity']:.4f}",
+            str(g["similarity_rank"]),
+        ]
+        for g in groups
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows])
+
+
 def analyze(
     model,
     tokenizer,
@@ -134,6 +181,7 @@ def analyze(
     batch_size: int = 4,
     bypass_modes: Sequence[str] = ("lp", "none", "cqil"),
     coalesced: bool = True,
+    measured: bool = True,
 ) -> dict:
     """Measure layer-input similarity, suggest plans and their perplexity before recovery.
 
@@ -144,7 +192,10 @@ def analyze(
     suggested plan's groups outlined) into ``out_dir``. ``model`` itself is left unchanged.
     With ``coalesced``, each plan is also measured as a depth-coalesced model (one averaged
     layer per group, :func:`cqil.coalescing.coalesce`), the alternative that parallel groups
-    are compared against.
+    are compared against. With ``measured``, every group of ``degree`` consecutive layers is
+    also measured on its own (``lp`` bypass: calibration KL from the original and perplexity,
+    :func:`rank_groups`), so the similarity ranking and the measured ranking sit side by side
+    in ``result["groups"]`` and in a last panel of the PNG.
     """
     counts = [num_groups] if isinstance(num_groups, int) else list(num_groups)
     num_layers = len(model.model.layers)
@@ -175,6 +226,10 @@ def analyze(
         entry["perplexity"][mode] = perplexity(candidate, tokens, batch_size=batch_size)
         del candidate  # free this copy before the next one is made: one copy at a time
 
+    groups = (
+        rank_groups(model, tokens, sim["matrix"], degree=degree, batch_size=batch_size) if measured else []
+    )
+
     result = {
         "model": model.config.name_or_path or model.config.model_type,
         "num_layers": num_layers,
@@ -189,8 +244,10 @@ def analyze(
         "matrix": [[round(v, 6) for v in row] for row in sim["matrix"].tolist()],
         "io_similarity": [round(v, 6) for v in sim["io"].tolist()],
     }
+    if measured:
+        result["groups"] = groups
     _write_atomic(out_dir / "similarity.json", (json.dumps(result, indent=2) + "\n").encode())
-    _write_atomic(out_dir / "similarity.png", _heatmap_png(sim["matrix"], plans, degree))
+    _write_atomic(out_dir / "similarity.png", _heatmap_png(sim["matrix"], plans, degree, groups))
     return result
 
 
@@ -233,8 +290,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _heatmap_png(matrix: torch.Tensor, plans: list[dict], degree: int) -> bytes:
-    """One heatmap panel per suggested plan, its groups outlined; returns PNG bytes."""
+def _heatmap_png(matrix: torch.Tensor, plans: list[dict], degree: int, groups: list[dict] = ()) -> bytes:
+    """One heatmap panel per suggested plan, its groups outlined, then (with ``groups``, see
+    :func:`rank_groups`) each group's input similarity beside its measured KL; returns PNG bytes."""
     # The object-oriented API renders with Agg without touching pyplot's global backend.
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -242,8 +300,12 @@ def _heatmap_png(matrix: torch.Tensor, plans: list[dict], degree: int) -> bytes:
     num_layers = matrix.shape[0]
     step = -(-num_layers // 16)  # at most 16 tick labels, so that they stay legible
     ticks = list(range(0, num_layers, step))
-    fig = Figure(figsize=(4.6 * len(plans) + 1.2, 4.8), layout="constrained")
-    axes = fig.subplots(1, len(plans), squeeze=False)[0]
+    panels = len(plans) + (1 if groups else 0)
+    fig = Figure(figsize=(4.6 * panels + 1.2, 4.8), layout="constrained")
+    every = fig.subplots(1, panels, squeeze=False)[0]
+    axes = every[: len(plans)]
+    if groups:
+        _ranking_panel(every[-1], groups, degree)
     for ax, entry in zip(axes, plans, strict=True):
         image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=float(matrix.min()), vmax=1.0)
         for group in entry["plan"]["groups"]:
@@ -268,3 +330,27 @@ def _heatmap_png(matrix: torch.Tensor, plans: list[dict], degree: int) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
+
+
+def _ranking_panel(ax, groups: list[dict], degree: int) -> None:
+    """Similarity (line, left axis) and measured KL (bars, right axis, log) per group's first layer."""
+    starts = [g["layers"][0] for g in groups]
+    ax.plot(
+        starts, [g["similarity"] for g in groups], "-o", ms=3, color="tab:green", label="input similarity"
+    )
+    ax.set_xlabel(f"first layer of the group of {degree}")
+    ax.set_ylabel("mean cosine similarity of the group's inputs", color="tab:green")
+    twin = ax.twinx()
+    twin.bar(
+        starts, [max(g["kl"], 1e-6) for g in groups], color="tab:purple", alpha=0.35, label="measured KL"
+    )
+    twin.set_yscale("log")
+    twin.set_ylabel("calibration KL from the original (lower is better)", color="tab:purple")
+    ax.set_zorder(twin.get_zorder() + 1)  # the similarity line in front of the bars
+    ax.patch.set_visible(False)
+    best = [g for g in groups if g["measured_rank"] <= 3]
+    for g in best:
+        twin.annotate(
+            f"#{g['measured_rank']}", (g["layers"][0], g["kl"]), ha="center", va="bottom", fontsize=7
+        )
+    ax.set_title("similarity vs measured cost of each group", fontsize=9)
