@@ -59,10 +59,15 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class ParallelizeConfig:
-    """How the layers are grouped and combined (arguments of ``cqil.parallelize``)."""
+    """How the layers are grouped and combined (arguments of ``cqil.parallelize`` or ``cqil.coalesce``)."""
 
     groups: str | list[list[int]] = _f(
         doc='layer groups: "S-E:P" ranges (commas join several) or lists of indices'
+    )
+    mode: Literal["parallel", "coalesce"] = _f(
+        "parallel",
+        "parallel: each group runs as one parallel layer (cqil.parallelize); "
+        "coalesce: one standard layer of averaged weights per group (cqil.coalesce)",
     )
     bypass: Literal["lp", "none", "cqil"] = _f(
         "lp", "lp: G=1 (Layer Parallelism); none: G=0; cqil: d preceding branches"
@@ -77,6 +82,25 @@ class ParallelizeConfig:
     form: Literal["merged", "branches"] = _f(
         "merged", "merged: fused wide projections; branches: original modules"
     )
+
+    # The options of a parallel group, which a coalesced layer (one plain layer, no branches) does not
+    # have. Under mode=coalesce they must keep their defaults: a value that would be silently ignored
+    # is refused, naming the key, like any other recipe mistake.
+    PARALLEL_ONLY = ("bypass", "bypass_distance", "gates", "gate_shape", "form")
+
+    def check(self, source: str, path: str = "parallelize") -> None:
+        """Cross-field checks of this section (raise :class:`RecipeError` naming the field)."""
+        if self.mode == "coalesce":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in self.PARALLEL_ONLY:
+                value = getattr(self, name)
+                if value != defaults[name]:
+                    raise RecipeError(
+                        source,
+                        f"{path}.{name}",
+                        f"{value!r} does not apply with {path}.mode=coalesce (a coalesced group is one "
+                        f"plain layer, without branches or gates); remove it or leave it at {defaults[name]!r}",
+                    )
 
 
 @dataclass(kw_only=True)
@@ -162,11 +186,11 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Held-out perplexity of the original, parallelized and recovered models."""
+    """Held-out perplexity of the original, parallelized (or coalesced) and recovered models."""
 
     num_sequences: int = _f(32, "held-out sequences of train.seq_len tokens", ge=1)
     batch_size: int = _f(4, "sequences per forward pass", ge=1)
-    before: bool = _f(True, "also measure the original and the untrained parallelized model")
+    before: bool = _f(True, "also measure the original and the untrained parallelized (or coalesced) model")
 
 
 @dataclass(kw_only=True)
@@ -188,6 +212,7 @@ class Recipe:
             GroupPlan.parse(self.parallelize.groups, 1 << 20)
         except ValueError as e:
             raise RecipeError(source, "parallelize.groups", str(e)) from None
+        self.parallelize.check(source)
         loss = self.train.loss
         if loss.lm == loss.kd == loss.hidden == 0:
             raise RecipeError(source, "train.loss", "every loss weight is 0; nothing would train")

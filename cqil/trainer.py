@@ -12,6 +12,14 @@ and the teacher's path (original layers inside groups, the shared modules elsewh
 ``no_grad``, and returns the weighted losses. Under ZeRO-3 the teacher copy is a frozen part of the
 engine's module: partitioned like every weight, gathered by DeepSpeed's hooks in forward, and never
 given to the optimizer, which only ever sees :func:`cqil.trainable_parameters` (or LoRA adapters).
+
+``parallelize.mode: coalesce`` swaps the transform and nothing else: the student is
+:func:`cqil.coalesce` of the original (one standard layer of averaged weights per group, a shallower
+model of the original architecture), its trainable parameters are exactly the coalesced layers at the
+groups' positions, and the teacher, losses, data, evaluation and checkpoints are those of a parallel
+run on the same plan, so the two runs compare like for like. The untrained coalesced model's
+perplexity is stored under the key ``"parallelized"`` (the "before training" slot of every report;
+``eval.json`` says ``"mode": "coalesce"``), and the export is a plain Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -61,10 +69,14 @@ class Preempted(RuntimeError):
 
 # ---------------------------------------------------------------------------------------- model
 class RecoveryModel(nn.Module):
-    """The parallelized student plus the teacher's own layers; ``forward(input_ids)`` returns the losses.
+    """The transformed student plus the teacher's own layers; ``forward(input_ids)`` returns the losses.
 
+    The student is the original model with one effective layer per group of ``plan``: parallelized
+    (:func:`cqil.parallelize`) or coalesced (:func:`cqil.coalesce`); every other layer and module is the
+    original's, unchanged. ``plan`` maps the student's effective layers to original layer indices;
+    without it, the plan recorded in the student's config (``cqil`` or ``cqil_coalesced``) is used.
     ``teacher_layers`` maps an original layer index to a frozen copy of that original layer, for
-    every layer inside a group (made before the surgery). Everything else the teacher runs is the
+    every layer inside a group (made before the transform). Everything else the teacher runs is the
     student's own, frozen, modules.
     """
 
@@ -73,31 +85,47 @@ class RecoveryModel(nn.Module):
         student: nn.Module,
         teacher_layers: dict[int, nn.Module] | None,
         *,
+        plan: GroupPlan | None = None,
         lm: float = 0.0,
         kd: float = 1.0,
         kd_temperature: float = 1.0,
         hidden: float = 0.0,
     ) -> None:
         super().__init__()
-        cqil = student.config.cqil
-        if cqil is None:
-            raise ValueError("the student must be parallelized (cqil.parallelize) first")
+        plan = plan if plan is not None else recorded_plan(student)
+        depth = len(student.model.layers)
+        if plan.num_layers_after != depth:
+            raise ValueError(
+                f"the student has {depth} layers but the plan {plan} over {plan.num_layers} layers "
+                f"leaves {plan.num_layers_after}"
+            )
         self.student = student
         self.weights = {"lm": float(lm), "kd": float(kd), "hidden": float(hidden)}
         self.kd_temperature = float(kd_temperature)
         self.needs_teacher = kd > 0 or hidden > 0
         if self.needs_teacher and not teacher_layers:
             raise ValueError("kd / hidden losses need the teacher's copies of the grouped layers")
+        missing = sorted({i for g in plan.groups for i in g} - set(teacher_layers or {}))
+        if self.needs_teacher and missing:
+            raise ValueError(f"the teacher has no copy of the grouped layers {missing}")
         self.teacher_layers = nn.ModuleDict({str(i): layer for i, layer in (teacher_layers or {}).items()})
         for p in self.teacher_layers.parameters():
             p.requires_grad_(False)
-        plan = GroupPlan.from_dict(cqil["plan"])
         self.effective = plan.effective_layers()
-        self.is_group = [len(idx) > 1 or idx in set(plan.groups) for idx in self.effective]
+        positions = set(group_positions(plan))
+        if not positions:
+            raise ValueError(f"the plan {plan} has no group")
+        self.is_group = [e in positions for e in range(len(self.effective))]
         self.first_group = self.is_group.index(True)
         config = student.config
         self._student_types = list(getattr(config, "layer_types", None) or [])
-        self._teacher_types = list(cqil.get("layer_types_original") or [])
+        # Both transforms refuse groups that mix attention types, so an original layer has its
+        # effective layer's type.
+        self._teacher_types = (
+            [self._student_types[e] for e, idx in enumerate(self.effective) for _ in idx]
+            if self._student_types
+            else []
+        )
         self._default_type = (
             "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
         )
@@ -215,6 +243,35 @@ class RecoveryModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def recorded_plan(model: nn.Module) -> GroupPlan:
+    """The plan a model was transformed with, from its config: ``cqil`` (parallelize) or ``cqil_coalesced``."""
+    from cqil.coalescing import COALESCED_KEY
+
+    for key in ("cqil", COALESCED_KEY):
+        record = getattr(model.config, key, None)
+        if record:
+            return GroupPlan.from_dict(record["plan"])
+    raise ValueError(
+        "the student must be parallelized (cqil.parallelize) or coalesced (cqil.coalesce) first, "
+        "or its plan given"
+    )
+
+
+def group_positions(plan: GroupPlan) -> list[int]:
+    """The effective-layer indices that hold a group of ``plan`` (the layers a recovery trains)."""
+    grouped = set(plan.groups)
+    return [e for e, idx in enumerate(plan.effective_layers()) if idx in grouped]
+
+
+def layer_parameters(model: nn.Module, positions) -> dict[str, nn.Parameter]:
+    """Every parameter of the decoder layers at effective indices ``positions``, by name."""
+    out: dict[str, nn.Parameter] = {}
+    for e in positions:
+        for name, param in model.model.layers[e].named_parameters():
+            out[f"model.layers.{e}.{name}"] = param
+    return out
+
+
 def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
     """Learning-rate multiplier per optimizer step: linear warmup, then cosine/linear decay to min_lr_ratio."""
     t = recipe.train
@@ -252,16 +309,20 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def apply_lora(model: nn.Module, lora, *, target: str) -> list[str]:
+def apply_lora(model: nn.Module, lora, *, target: str, layers=None) -> list[str]:
     """Inject LoRA adapters (peft) on the linear layers of the groups (``target="groups"``) or of
-    every decoder layer (``"all"``); returns the adapted module names."""
+    every decoder layer (``"all"``); returns the adapted module names. ``layers`` names the groups'
+    effective indices (needed for a coalesced model); by default, the parallel groups of ``model``."""
     from peft import LoraConfig, inject_adapter_in_model
 
     prefix = "model.layers."
-    groups = {id(g) for g in parallel_groups(model)}
+    if layers is None:
+        groups = {id(g) for g in parallel_groups(model)}
+        layers = [e for e, layer in enumerate(model.model.layers) if id(layer) in groups]
+    layers = set(layers)
     names = []
     for e, layer in enumerate(model.model.layers):
-        if target == "groups" and id(layer) not in groups:
+        if target == "groups" and e not in layers:
             continue
         names += [f"{prefix}{e}.{n}" for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names)
@@ -351,29 +412,45 @@ class RecoveryTrainer:
         if r.eval.before and not resuming:
             self.results["original"] = self._perplexity(model, "original")
 
-        # The teacher's own weights: the grouped region's original layers, copied before the surgery.
-        loss = t.loss
+        # The teacher's own weights: the grouped region's original layers, copied before the transform.
+        loss, p = t.loss, r.parallelize
         teacher = None
-        if loss.kd or loss.hidden:
-            teacher = {i: copy.deepcopy(model.model.layers[i]) for g in self.plan.groups for i in g}
-        p = r.parallelize
-        parallelize(
-            model,
-            self.plan,
-            bypass=p.bypass,
-            bypass_distance=p.bypass_distance,
-            gates=p.gates,
-            gate_shape=p.gate_shape,
-            form=p.form,
-        )
+        if p.mode == "coalesce":
+            from cqil.coalescing import coalesce
+
+            student = coalesce(model, self.plan)
+            if loss.kd or loss.hidden:
+                # coalesce copies every weight it keeps and leaves `model` as it was: the original
+                # layers themselves are the teacher's copy; the rest of `model` is dropped here.
+                teacher = {i: model.model.layers[i] for g in self.plan.groups for i in g}
+            model = student
+        else:
+            if loss.kd or loss.hidden:
+                teacher = {i: copy.deepcopy(model.model.layers[i]) for g in self.plan.groups for i in g}
+            parallelize(
+                model,
+                self.plan,
+                bypass=p.bypass,
+                bypass_distance=p.bypass_distance,
+                gates=p.gates,
+                gate_shape=p.gate_shape,
+                form=p.form,
+            )
         if r.eval.before and not resuming:
-            self.results["parallelized"] = self._perplexity(model, "parallelized")
+            # One key for "before training" in both modes, so their reports line up.
+            self.results["parallelized"] = self._perplexity(model, self.before_label)
 
         self.trainable = self._select_trainable(model)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = RecoveryModel(
-            model, teacher, lm=loss.lm, kd=loss.kd, kd_temperature=loss.kd_temperature, hidden=loss.hidden
+            model,
+            teacher,
+            plan=self.plan,
+            lm=loss.lm,
+            kd=loss.kd,
+            kd_temperature=loss.kd_temperature,
+            hidden=loss.hidden,
         )
         self.model.adapters_outside_groups = t.lora is not None and t.lora.target == "all"
         self.model.train()
@@ -381,7 +458,8 @@ class RecoveryTrainer:
         n_train = sum(p.numel() for p in self.trainable.values())
         n_all = sum(p.numel() for p in self.model.parameters())
         self.log(
-            f"cqil: plan {self.plan} ({len(self.plan.groups)} groups); training {n_train:,} of {n_all:,} weights"
+            f"cqil: plan {self.plan} ({len(self.plan.groups)} groups, {p.mode}); "
+            f"training {n_train:,} of {n_all:,} weights"
         )
 
         self.optimizer = self._make_optimizer()
@@ -437,16 +515,26 @@ class RecoveryTrainer:
             if plugin is not None:
                 plugin.set_deepspeed_weakref()
 
+    @property
+    def before_label(self) -> str:
+        """What the "parallelized" (before training) entry of the results measured."""
+        return "coalesced" if self.recipe.parallelize.mode == "coalesce" else "parallelized"
+
     def _select_trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """requires_grad on the groups' parameters (or their LoRA adapters) and nothing else."""
+        """requires_grad on the groups' parameters (or their LoRA adapters) and nothing else.
+
+        Parallel mode: the parallel groups and their learned gates. Coalesce mode: the coalesced
+        layers at the groups' positions (a coalesced layer has no gates)."""
         t = self.recipe.train
+        coalesced = self.recipe.parallelize.mode == "coalesce"
         for p in model.parameters():
             p.requires_grad_(False)
+        positions = group_positions(self.plan)
         if t.lora is None:
-            chosen = trainable_parameters(model)
+            chosen = layer_parameters(model, positions) if coalesced else trainable_parameters(model)
         else:
-            apply_lora(model, t.lora, target=t.lora.target)
-            gates = {n for n in trainable_parameters(model) if n.endswith(".gates")}
+            apply_lora(model, t.lora, target=t.lora.target, layers=positions)
+            gates = set() if coalesced else {n for n in trainable_parameters(model) if n.endswith(".gates")}
             chosen = {n: p for n, p in model.named_parameters() if "lora_" in n or n in gates}
         for p in chosen.values():
             p.requires_grad_(True)
@@ -683,29 +771,31 @@ class RecoveryTrainer:
         """Check the frozen weights, evaluate the recovered model and export it. Returns the results."""
         acc = self.accelerator
         self.model.eval()
-        # Under ZeRO-3 every rank enters the gathered context; only the main process writes.
+        # Under ZeRO-3 every rank enters the gathered contexts; only the main process writes. The
+        # evaluation runs outside them: ZeRO-3's forward hooks release what a forward gathered.
         with self._gathered():
             after = state_digest(self._frozen_state())
             trainable = self._trainable_state()
-            self.results["recovered"] = self._perplexity(self.model.student, "recovered")
-            if after != self.frozen_digest:
-                raise RuntimeError("frozen weights changed during training (they must stay bit-identical)")
+        if after != self.frozen_digest:
+            raise RuntimeError("frozen weights changed during training (they must stay bit-identical)")
+        self.results["recovered"] = self._perplexity(self.model.student, "recovered")
+        with self._gathered():
             self.results |= {
                 "steps": self.step,
                 "tokens_seen": self.tokens_seen,
                 "frozen_digest": after,
                 "trainable_digest": state_digest(trainable),
                 "plan": self.plan.to_dict(),
+                "mode": self.recipe.parallelize.mode,  # coalesce: "parallelized" holds the coalesced model
             }
             if acc.is_main_process:
                 (self.output_dir / "eval.json").write_text(json.dumps(self.results, indent=1))
                 (export_fn or export_recovered)(self, trainable)
+                labels = {"original": "original", "parallelized": self.before_label, "recovered": "recovered"}
                 self.log(
                     "cqil: held-out perplexity "
                     + ", ".join(
-                        f"{k} {self.results[k]['ppl']:.3f}"
-                        for k in ("original", "parallelized", "recovered")
-                        if k in self.results
+                        f"{v} {self.results[k]['ppl']:.3f}" for k, v in labels.items() if k in self.results
                     )
                 )
         acc.wait_for_everyone()
@@ -757,13 +847,21 @@ def export_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor
     """The default end of a run: the recovered model as a Hugging Face folder, ``output_dir/model/``.
 
     This is the export seam: :func:`run` takes ``export_fn(trainer, trainable_state)`` and calls it
-    once, on the main process, after the final evaluation (inside the ZeRO-3 gather).
+    once, on the main process, after the final evaluation (inside the ZeRO-3 gather). In coalesce mode
+    the model is a standard architecture and goes out as a plain folder (:func:`export_coalesced`).
     """
     from cqil.export import export_model
 
     student = trainer.model.student
     if trainer.recipe.train.lora is not None:
         merge_lora(student)  # the end of the run: the student is not trained any further
+    if trainer.recipe.parallelize.mode == "coalesce":
+        return export_coalesced(
+            student,
+            trainer.output_dir / "model",
+            tokenizer=trainer.tokenizer,
+            card=_coalesced_card(trainer),
+        )
     results = trainer.results
     report = {
         "perplexity": {k: results[k] for k in ("original", "parallelized", "recovered") if k in results},
@@ -778,6 +876,71 @@ def export_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor
         recipe=recipe_to_dict(trainer.recipe),
         overwrite=True,  # output_dir belongs to this run; a resumed run replaces its own export
     )
+
+
+def export_coalesced(
+    model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, card: str | None = None
+) -> Path:
+    """Save a coalesced model (a standard architecture) as a plain Hugging Face folder at ``out_dir``.
+
+    ``save_pretrained`` (safetensors, no remote code: ``AutoModelForCausalLM.from_pretrained`` loads it
+    with transformers alone), the tokenizer and a model card, written into a hidden sibling and renamed
+    into place as :func:`cqil.export.export_model` does, replacing a previous folder only at the end.
+    """
+    from cqil.export import PICKLE_SUFFIXES, _move_into_place, _sibling
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out, "tmp")
+    staging.mkdir()
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if card is not None:
+            (staging / "README.md").write_text(card, encoding="utf-8")
+        pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(f"refusing to write pickle files into an export: {', '.join(sorted(pickles))}")
+        mode = (staging / "config.json").stat().st_mode & 0o777  # safetensors writes mode 600
+        for path in staging.rglob("*"):
+            if path.is_file():
+                path.chmod(mode)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _coalesced_card(trainer: RecoveryTrainer) -> str:
+    """A short model card for a recovered coalesced model: what was done and the three perplexities."""
+    r, plan, results = trainer.recipe, trainer.plan, trainer.results
+    rows = [
+        ("original", "the original model"),
+        ("parallelized", "coalesced, before training"),
+        ("recovered", "coalesced, after recovery (this model)"),
+    ]
+    table = [f"| {what} | {results[k]['ppl']:.3f} |" for k, what in rows if k in results]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [cqil, depth-coalescing]",
+        "---",
+        "",
+        f"# {Path(trainer.output_dir).name}",
+        "",
+        f"`{r.model.name_or_path}` made shallower by depth coalescing (`cqil.coalesce`): each group of "
+        f"the plan `{plan}` is one standard decoder layer whose weights started as the mean of the group's "
+        f"layers ({plan.num_layers} -> {plan.num_layers_after} layers), then recovered for "
+        f"{results.get('steps', 0)} steps ({results.get('tokens_seen', 0):,} tokens) with only those layers "
+        "trained. It is a standard checkpoint: `AutoModelForCausalLM.from_pretrained(folder)`.",
+    ]
+    if table:
+        n = results.get("recovered", {}).get("tokens")
+        lines += ["", f"Held-out perplexity ({n} tokens):", "", "| model | perplexity |", "|---|---|", *table]
+    return "\n".join(lines) + "\n"
 
 
 def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: Callable | None = None) -> int:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cqil.recipe import Recipe, RecipeError, field_docs, load_recipe, recipe_from_dict
+from cqil.recipe import Recipe, RecipeError, field_docs, load_recipe, recipe_from_dict, recipe_to_dict
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 REQUIRED_KEYS = [
     "model.name_or_path",
     "model.dtype",
     "parallelize.groups",
+    "parallelize.mode",
     "parallelize.bypass",
     "parallelize.bypass_distance",
     "parallelize.gates",
@@ -42,6 +43,7 @@ MINIMAL = {"parallelize": {"groups": "2-6:2"}, "output_dir": "out"}
 def test_recipes_exist():
     names = {p.stem for p in RECIPES}
     assert {"smollm2_135m", "llama7b", "llama3_2_3b", "qwen2_5_7b", "cqil_style", "lp_style"} <= names
+    assert "smollm2_135m_coalesce" in names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -64,11 +66,54 @@ def test_comparison_recipes_use_equal_tokens():
         t = load_recipe(next(p for p in RECIPES if p.stem == name)).train
         return t.max_steps * t.seq_len * t.micro_batch_size * t.grad_accum_steps
 
-    assert tokens("smollm2_135m") == tokens("cqil_style") == tokens("lp_style")
+    assert (
+        tokens("smollm2_135m")
+        == tokens("cqil_style")
+        == tokens("lp_style")
+        == tokens("smollm2_135m_coalesce")
+    )
     cqil = load_recipe(next(p for p in RECIPES if p.stem == "cqil_style"))
     assert cqil.train.lora.r == 32 and cqil.train.lora.target == "all" and cqil.train.loss.lm == 0
     lp = load_recipe(next(p for p in RECIPES if p.stem == "lp_style"))
     assert lp.train.loss.kd == 0 and lp.train.loss.lm > 0 and lp.train.lora is None
+
+
+def test_coalesce_recipe_is_the_default_run_with_the_other_transform():
+    def load(name):
+        return load_recipe(next(p for p in RECIPES if p.stem == name))
+
+    parallel, coalesce = load("smollm2_135m"), load("smollm2_135m_coalesce")
+    assert parallel.parallelize.mode == "parallel" and coalesce.parallelize.mode == "coalesce"
+    a, b = recipe_to_dict(parallel), recipe_to_dict(coalesce)
+    assert a["parallelize"] | {"mode": "coalesce"} == b["parallelize"]  # same plan, defaults elsewhere
+    for section in ("model", "train", "data", "eval"):
+        assert a[section] == b[section], section
+    assert a["output_dir"] != b["output_dir"]
+
+
+def test_coalesce_mode_refuses_the_options_of_parallel_groups(tmp_path):
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text("parallelize:\n  groups: '2-6:2'\n  mode: coalesce\noutput_dir: out\n")
+    assert load_recipe(recipe).parallelize.mode == "coalesce"
+    # The defaults, even written out, are accepted: they describe nothing a coalesced layer lacks.
+    defaults = ["parallelize.bypass=lp", "parallelize.gates=learned", "parallelize.form=merged"]
+    assert load_recipe(recipe, defaults).parallelize.mode == "coalesce"
+    for override in [
+        "parallelize.bypass=none",
+        "parallelize.bypass_distance=2",
+        "parallelize.gates=fixed",
+        "parallelize.gate_shape=channel",
+        "parallelize.form=branches",
+    ]:
+        key = override.partition("=")[0]
+        with pytest.raises(RecipeError, match="does not apply with parallelize.mode=coalesce") as caught:
+            load_recipe(recipe, [override])
+        assert str(caught.value).startswith(f"{recipe}: {key}: ") and caught.value.path == key
+    # The same options are fine in parallel mode (the default).
+    assert (
+        load_recipe(recipe, ["parallelize.mode=parallel", "parallelize.gates=fixed"]).parallelize.gates
+        == "fixed"
+    )
 
 
 def test_llama7b_is_the_cqil_paper_setting():
@@ -119,6 +164,7 @@ def test_defaults_and_overrides():
         ("train.lora.r=0", "train.lora.r", ">= 1"),
         ("train.lora.target=attention", "train.lora.target", "one of"),
         ("parallelize.bypass=both", "parallelize.bypass", "one of"),
+        ("parallelize.mode=fold", "parallelize.mode", "one of 'parallel', 'coalesce'"),
         ("parallelize.bypass_distance=0", "parallelize.bypass_distance", ">= 1"),
         ("parallelize.groups=5", "parallelize.groups", "string"),
         ("parallelize.groups=12-31:2", "parallelize.groups", "multiple of the degree"),

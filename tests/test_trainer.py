@@ -1,5 +1,5 @@
 """cqil.trainer on tiny local models, in one process: the shared-prefix teacher, what trains, the
-optimizer state, exact resume, preemption and non-finite losses."""
+optimizer state, exact resume, preemption and non-finite losses; the same in coalesce mode."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cqil.coalescing import coalesce
 from cqil.export import load_export
+from cqil.plan import GroupPlan
 from cqil.recipe import recipe_from_dict
 from cqil.surgery import parallelize, trainable_parameters
 from cqil.trainer import (
@@ -104,6 +106,35 @@ def test_lora_teacher_is_the_model_with_adapters_off(input_ids):
     assert out["kd"] > 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_coalesced_student_with_the_original_teacher(arch, input_ids):
+    model = make_model(arch)
+    with torch.no_grad():
+        original = model(input_ids).logits
+    groups = [[2, 3], [5, 6, 7]]
+    student = coalesce(model, groups)  # leaves `model` as it was
+    teacher = teacher_copies(model, groups)
+    with torch.no_grad():
+        expected = student(input_ids).logits
+    plan = GroupPlan.parse(groups, 8)
+    rm = RecoveryModel(student, teacher, plan=plan, kd=1.0, hidden=1.0, lm=1.0).eval()
+    assert rm.is_group == [False, False, True, False, True]
+    with torch.no_grad():
+        out = rm(input_ids, return_logits=True)
+    torch.testing.assert_close(out["teacher_logits"], original, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["logits"], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected, original, atol=1e-3)
+    assert out["kd"] > 0 and out["hidden"] > 0
+    # Without a plan, the one coalesce recorded in the config; a plan of another depth is refused.
+    assert RecoveryModel(student, teacher).effective == rm.effective
+    with pytest.raises(ValueError, match="the student has 5 layers"):
+        RecoveryModel(student, teacher, plan=GroupPlan.parse([[2, 3]], 8))
+    with pytest.raises(ValueError, match="no copy of the grouped layers"):
+        RecoveryModel(student, {2: teacher[2]}, plan=plan)
+    with pytest.raises(ValueError, match="parallelized .* or coalesced"):
+        RecoveryModel(make_model(arch), teacher)
+
+
 # ------------------------------------------------------------------------------------ whole runs
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
@@ -115,7 +146,7 @@ def tiny_model_dir(tmp_path_factory):
     return root
 
 
-def tiny_recipe(root: Path, out: Path, **train):
+def tiny_recipe(root: Path, out: Path, parallelize: dict | None = None, **train):
     t = dict(
         max_steps=6,
         seq_len=16,
@@ -132,7 +163,7 @@ def tiny_recipe(root: Path, out: Path, **train):
     return recipe_from_dict(
         {
             "model": {"name_or_path": str(root / "model")},
-            "parallelize": {"groups": "2-6:2"},
+            "parallelize": {"groups": "2-6:2"} | (parallelize or {}),
             "train": t,
             "data": {"train": str(root / "train.jsonl.gz"), "eval_fraction": 0.2},
             "eval": {"num_sequences": 4},
@@ -244,3 +275,94 @@ def test_lora_run_trains_only_adapters(tiny_model_dir, tmp_path):
         assert state_digest(trainer._frozen_state()) == digest
     finally:
         trainer.cleanup()
+
+
+# ------------------------------------------------------------------------------------ coalesce mode
+COALESCE = {"mode": "coalesce"}
+
+
+def check_plain_export(folder: Path, student):
+    """``folder`` is a plain transformers checkpoint (no remote code) computing ``student``'s logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= names
+    assert not [n for n in names if n.endswith((".py", ".bin", ".pt"))], names
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in config and config["architectures"] == [type(student).__name__]
+    assert len({(folder / n).stat().st_mode for n in names}) == 1  # one file mode, as export_model gives
+    assert config["num_hidden_layers"] == 6 and config["cqil_coalesced"]["plan"]["groups"] == [[2, 3], [4, 5]]
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == make_tokenizer().get_vocab()
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(loaded) is type(student)
+    ids = torch.randint(0, student.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_coalesce_run_trains_only_the_coalesced_layers_and_recovers(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = RecoveryTrainer(tiny_recipe(tiny_model_dir, tmp_path / "run", COALESCE))
+    try:
+        trainer.setup()
+        student = trainer.model.student
+        assert len(student.model.layers) == 6 and student.config.cqil_coalesced is not None
+        assert not hasattr(student.config, "cqil") or student.config.cqil is None
+        # Exactly the coalesced layers (the groups' positions 2 and 3), every parameter of them.
+        expected = {
+            f"student.model.layers.{e}.{n}"
+            for e in (2, 3)
+            for n, _ in student.model.layers[e].named_parameters()
+        }
+        assert set(trainer.trainable) == expected
+        assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == expected
+        assert set(trainer.model.teacher_layers) == {"2", "3", "4", "5"}
+        # The teacher is the original model.
+        original = AutoModelForCausalLM.from_pretrained(tiny_model_dir / "model").eval()
+        ids = trainer.eval_tokens
+        with torch.no_grad():
+            out = trainer.model(ids, return_logits=True)
+            torch.testing.assert_close(out["teacher_logits"], original(ids).logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(out["logits"], student(ids).logits, rtol=0, atol=1e-5)
+        frozen_before = {n: p.clone() for n, p in trainer._frozen_state().items()}
+        trainable_before = {n: p.clone() for n, p in trainer.trainable.items()}
+        trainer.train()
+        assert {id(p) for p in trainer.optimizer.state} == {id(p) for p in trainer.trainable.values()}
+        for n, p in trainer._frozen_state().items():
+            assert torch.equal(p, frozen_before[n]), n
+        assert all(
+            not torch.equal(p, trainable_before[n]) for n, p in trainer.trainable.items() if p.dim() == 2
+        )
+        with torch.no_grad():
+            loss_after = trainer.model(ids)["loss"]
+        assert loss_after < out["loss"]  # the recovery loss went down (on the held-out sequences)
+        results = trainer.finish()
+    finally:
+        trainer.cleanup()
+    assert results["recovered"]["ppl"] < results["parallelized"]["ppl"]
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["mode"] == "coalesce" and {"original", "parallelized", "recovered"} <= set(saved)
+    check_plain_export(tmp_path / "run" / "model", student)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003", "step-000006"]
+
+
+def test_coalesce_run_with_lora_trains_only_adapters_and_exports_them_merged(tiny_model_dir, tmp_path):
+    recipe = tiny_recipe(
+        tiny_model_dir, tmp_path / "run", COALESCE, lora={"r": 4, "target": "groups"}, max_steps=2
+    )
+    trainer = RecoveryTrainer(recipe)
+    try:
+        trainer.setup()
+        names = set(trainer.trainable)
+        assert names and all("lora_" in n for n in names)
+        assert {n.split(".layers.")[1].split(".")[0] for n in names} == {"2", "3"}
+        digest = state_digest(trainer._frozen_state())
+        trainer.train()
+        assert state_digest(trainer._frozen_state()) == digest
+        trainer.finish()
+    finally:
+        trainer.cleanup()
+    student = trainer.model.student
+    assert not any("lora_" in n for n, _ in student.named_parameters())  # merged before the export
+    check_plain_export(tmp_path / "run" / "model", student)
