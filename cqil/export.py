@@ -37,6 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cqil.group import effective_layers
+from cqil.surgery import layers_prefix
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -139,10 +142,7 @@ def export_model(
     recipe_text = _read_recipe(recipe)
     base_model = base_model or report_dict.get("base_model") or _hub_id(getattr(model, "name_or_path", ""))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(out, "tmp")
-    staging.mkdir()
-    try:
+    with staged_folder(out) as staging:
         config.save_pretrained(staging)
         for name, source in CODE_FILES.items():
             shutil.copyfile(source, staging / name)
@@ -168,18 +168,6 @@ def export_model(
             dtype=str(torch_dtype).removeprefix("torch."),
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
-        pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-        if pickles:  # e.g. a tokenizer class that pickles; a model folder must stay safe to open
-            raise ValueError(f"refusing to write pickle files into an export: {', '.join(sorted(pickles))}")
-        # Some writers create files private to the user (mode 600); give every file the mode the
-        # user's umask gives a new file, as config.json got.
-        mode = (staging / "config.json").stat().st_mode & 0o777
-        for path in staging.rglob("*"):
-            if path.is_file():
-                path.chmod(mode)
-        _move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -231,14 +219,6 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _layers_prefix(model: nn.Module) -> str:
-    layers = model.model.layers
-    for name, module in model.named_modules():
-        if module is layers:
-            return name
-    raise RuntimeError("model.model.layers is not a submodule of the model")
-
-
 def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str, torch.Tensor]:
     """The tensors to save: the model's state dict without tied copies, groups folded if asked."""
     from cqil.group import MergedGroup, ParallelGroup
@@ -255,7 +235,7 @@ def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str,
         raise ValueError(
             f"fold needs bypass 'lp' (every MLP reading all attention outputs); got {cqil['bypass']!r}"
         )
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     groups = [(idx, g) for idx, g in enumerate(model.model.layers) if isinstance(g, ParallelGroup)]
     if len(groups) != len(cqil["plan"]["groups"]):
         raise ValueError(
@@ -305,6 +285,32 @@ def _save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
     from huggingface_hub import save_torch_state_dict
 
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A hidden sibling of ``out`` to write a model folder into.
+
+    When the block succeeds the folder is checked — no pickle files (e.g. a tokenizer class that
+    pickles: a model folder must stay safe to open), and every file gets the mode the user's
+    umask gives ``config.json`` (some writers, safetensors among them, create mode-600 files) —
+    and renamed to ``out``, replacing a previous ``out`` only then. On failure nothing is left.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out, "tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(f"refusing to write pickle files into an export: {', '.join(sorted(pickles))}")
+        mode = (staging / "config.json").stat().st_mode & 0o777
+        for path in staging.rglob("*"):
+            if path.is_file():
+                path.chmod(mode)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _sibling(target: Path, kind: str) -> Path:
@@ -446,7 +452,7 @@ def render_model_card(
         "| effective layer | original layers | runs as |",
         "|---:|---|---|",
     ]
-    for idx, indices in enumerate(_effective_layers(groups, depth)):
+    for idx, indices in enumerate(effective_layers(groups, depth)):
         if len(indices) > 1 or [indices[0]] in groups:
             how = (
                 "one plain wide layer (folded)" if cqil.get("folded") else f"{len(indices)} parallel branches"
@@ -508,16 +514,6 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def _effective_layers(groups: list[list[int]], num_layers: int) -> list[tuple[int, ...]]:
-    by_start = {g[0]: tuple(g) for g in groups}
-    out, i = [], 0
-    while i < num_layers:
-        indices = by_start.get(i, (i,))
-        out.append(indices)
-        i += len(indices)
-    return out
 
 
 def _count(n: int, noun: str) -> str:

@@ -143,7 +143,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     if not groups and not is_parallelized(model):
         raise ValueError("model is not parallelized: call cqil.parallelize first")
     out: dict[str, nn.Parameter] = {}
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     for idx, layer in enumerate(model.model.layers):
         if id(layer) in groups:
             for name, param in layer.named_parameters():
@@ -151,7 +151,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _layers_prefix(model: nn.Module) -> str:
+def layers_prefix(model: nn.Module) -> str:
+    """The dotted name of ``model.model.layers`` inside ``model`` (``model.layers`` for a ``*ForCausalLM``)."""
     layers = model.model.layers
     for name, module in model.named_modules():
         if module is layers:

@@ -887,30 +887,17 @@ def export_coalesced(
     with transformers alone), the tokenizer and a model card, written into a hidden sibling and renamed
     into place as :func:`cqil.export.export_model` does, replacing a previous folder only at the end.
     """
-    from cqil.export import PICKLE_SUFFIXES, _move_into_place, _sibling
+    from cqil.export import staged_folder
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(out, "tmp")
-    staging.mkdir()
-    try:
+    with staged_folder(out) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if card is not None:
             (staging / "README.md").write_text(card, encoding="utf-8")
-        pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise ValueError(f"refusing to write pickle files into an export: {', '.join(sorted(pickles))}")
-        mode = (staging / "config.json").stat().st_mode & 0o777  # safetensors writes mode 600
-        for path in staging.rglob("*"):
-            if path.is_file():
-                path.chmod(mode)
-        _move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
