@@ -58,11 +58,35 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class PlanSearchConfig:
+    """How ``parallelize.groups: auto`` chooses the groups (:func:`cqil.search.search_plan`); one budget."""
+
+    degree: int = _f(2, "layers per searched group", ge=2)
+    target_depth: int | None = _f(None, "budget: the effective depth to reach exactly", ge=1)
+    speedup: float | None = _f(
+        None, "budget: the least estimated speedup (latency model of cqil.search)", gt=1
+    )
+    max_ppl_increase: float | None = _f(
+        None, "budget: the shallowest plan within this calibration perplexity rise, in percent", gt=0
+    )
+    num_sequences: int = _f(32, "calibration sequences of train.seq_len tokens (train split)", ge=1)
+    beam_width: int = _f(2, "plans kept from one search round to the next", ge=1)
+    pool_size: int = _f(8, "cheapest groups tried as each kept plan's next group", ge=1)
+    batch_size: int = _f(4, "calibration sequences per forward pass", ge=1)
+
+    BUDGETS = ("target_depth", "speedup", "max_ppl_increase")
+
+
+@dataclass(kw_only=True)
 class ParallelizeConfig:
     """How the layers are grouped and combined (arguments of ``cqil.parallelize`` or ``cqil.coalesce``)."""
 
     groups: str | list[list[int]] = _f(
-        doc='layer groups: "S-E:P" ranges (commas join several) or lists of indices'
+        doc='layer groups: "S-E:P" ranges (commas join several), lists of indices, or auto '
+        "(chosen by a plan search under parallelize.search)"
+    )
+    search: PlanSearchConfig | None = _f(
+        None, "with groups: auto, the plan search's budget and settings; null otherwise"
     )
     mode: Literal["parallel", "coalesce"] = _f(
         "parallel",
@@ -90,6 +114,34 @@ class ParallelizeConfig:
 
     def check(self, source: str, path: str = "parallelize") -> None:
         """Cross-field checks of this section (raise :class:`RecipeError` naming the field)."""
+        if self.groups == "auto":
+            if self.mode == "coalesce":
+                raise RecipeError(
+                    source,
+                    f"{path}.groups",
+                    f"auto searches groups to run in parallel; {path}.mode=coalesce needs explicit groups",
+                )
+            if self.search is None:
+                raise RecipeError(
+                    source,
+                    f"{path}.search",
+                    f"{path}.groups=auto needs a search section with one budget "
+                    f"({', '.join(PlanSearchConfig.BUDGETS)})",
+                )
+            given = [k for k in PlanSearchConfig.BUDGETS if getattr(self.search, k) is not None]
+            if len(given) != 1:
+                raise RecipeError(
+                    source,
+                    f"{path}.search",
+                    f"give exactly one budget of {', '.join(PlanSearchConfig.BUDGETS)}; "
+                    f"got {', '.join(given) or 'none'}",
+                )
+        elif self.search is not None:
+            raise RecipeError(
+                source,
+                f"{path}.search",
+                f"applies only with {path}.groups=auto; remove it or set groups: auto",
+            )
         if self.mode == "coalesce":
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for name in self.PARALLEL_ONLY:
@@ -208,10 +260,11 @@ class Recipe:
         """Cross-field checks (raise :class:`RecipeError` naming the field)."""
         from cqil.plan import GroupPlan
 
-        try:  # the syntax now; the layer range once the model is loaded
-            GroupPlan.parse(self.parallelize.groups, 1 << 20)
-        except ValueError as e:
-            raise RecipeError(source, "parallelize.groups", str(e)) from None
+        if self.parallelize.groups != "auto":  # auto: chosen by the plan search once the model is loaded
+            try:  # the syntax now; the layer range once the model is loaded
+                GroupPlan.parse(self.parallelize.groups, 1 << 20)
+            except ValueError as e:
+                raise RecipeError(source, "parallelize.groups", str(e)) from None
         self.parallelize.check(source)
         loss = self.train.loss
         if loss.lm == loss.kd == loss.hidden == 0:

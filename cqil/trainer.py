@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cqil.data import TokenStream, heldout_tokens
+from cqil.data import TokenStream, heldout_tokens, in_heldout, iter_records, pack_tokens
 from cqil.losses import hidden_loss, kd_loss, lm_loss
 from cqil.plan import GroupPlan
 from cqil.recipe import Recipe, RecipeError, recipe_to_dict
@@ -364,6 +364,7 @@ class RecoveryTrainer:
         self.results: dict = {}
         self._stop_signal: int | None = None
         self._old_handlers: dict = {}
+        self.plan_search: dict | None = None  # groups: auto: where the plan search's report is
 
     # -------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -388,8 +389,11 @@ class RecoveryTrainer:
 
         model, self.tokenizer = self._load_model()
         n_layers = model.config.num_hidden_layers
+        groups = r.parallelize.groups
+        if groups == "auto":
+            groups = self._search_plan(model)
         try:
-            self.plan = GroupPlan.parse(r.parallelize.groups, n_layers)
+            self.plan = GroupPlan.parse(groups, n_layers)
         except ValueError as e:
             raise RecipeError(self.source, "parallelize.groups", str(e)) from None
         if not self.plan.groups or self.plan.is_identity():
@@ -496,6 +500,99 @@ class RecoveryTrainer:
         if resuming:
             self.resume(list_checkpoints(self.output_dir)[-1])
         self._install_signal_handlers()
+
+    def _search_plan(self, model: nn.Module) -> list[list[int]]:
+        """``groups: auto``: the main process searches the plan on calibration text of the train split
+        (never the held-out documents) and records it under ``output_dir/plan/``; every process then
+        reads the groups from ``plan/plans.json``. A resumed run reuses the recorded plan."""
+        from cqil.search import BudgetError, search_plan, write_report
+
+        acc, r, p = self.accelerator, self.recipe, self.recipe.parallelize
+        s = p.search
+        folder = self.output_dir / "plan"
+        report = folder / "plans.json"
+        reused = report.is_file()
+        if not reused and list_checkpoints(self.output_dir):
+            raise RecipeError(
+                self.source,
+                "parallelize.groups",
+                f"{self.output_dir} has checkpoints but no recorded plan ({report}); a new search could "
+                "choose other groups than the ones they were trained with",
+            )
+        failure: Exception | None = None
+        if acc.is_main_process and not reused:
+            try:
+                tokens = self._calibration_tokens(s.num_sequences)
+                self.log(
+                    f"cqil: plan search (degree {s.degree}, "
+                    + ", ".join(f"{k} {getattr(s, k)}" for k in s.BUDGETS if getattr(s, k) is not None)
+                    + f") on {tokens.shape[0]} sequences of {tokens.shape[1]} tokens"
+                )
+                # Measured on the accelerator, then back where it was loaded: what follows (the teacher
+                # copy, the surgery, accelerate.prepare) runs as it does with explicit groups.
+                home = next(model.parameters()).device
+                model.to(acc.device)
+                result = search_plan(
+                    model,
+                    tokens,
+                    degree=s.degree,
+                    bypass=p.bypass,
+                    bypass_distance=p.bypass_distance,
+                    target_depth=s.target_depth,
+                    speedup=s.speedup,
+                    max_ppl_increase=s.max_ppl_increase,
+                    beam_width=s.beam_width,
+                    pool_size=s.pool_size,
+                    batch_size=s.batch_size,
+                    seed=r.train.seed,
+                    progress=True,
+                )
+                model.to(home)
+                write_report(result, folder, overwrite=True)
+                self.log(result.format_table())
+            except BudgetError as e:
+                failure = RecipeError(self.source, f"parallelize.search.{e.budget}", e.reason)
+            except Exception as e:  # raised after the barrier, so that no other rank waits forever
+                failure = e
+        acc.wait_for_everyone()
+        if failure is not None:
+            raise failure
+        if not report.is_file():
+            raise RuntimeError(f"the plan search of the main process wrote no {report}; see its log")
+        data = json.loads(report.read_text())
+        if reused:
+            self.log(f"cqil: reusing the recorded plan {report}")
+        self.plan_search = {
+            "dir": "plan",
+            "plans_json": "plan/plans.json",
+            "table": "plan/table.txt",
+            "budget": data.get("budget"),
+            "reused": reused,
+        }
+        return data["plan"]["groups"]
+
+    def _calibration_tokens(self, num_sequences: int) -> torch.Tensor:
+        """The first packed sequences of the train split (without the hash-held-out documents when
+        data.eval is absent): the text the plan search measures plans on."""
+        r = self.recipe
+        d = r.data
+        records = iter_records(
+            d.train, source_field=d.source_field, text_field=d.text_field, hub_split=d.hub_split
+        )
+        texts = (t for t, _ in records if d.eval or not in_heldout(t, d.eval_fraction))
+        tokens = pack_tokens(self.tokenizer, texts, seq_len=r.train.seq_len, max_sequences=num_sequences)
+        if tokens.shape[0] == 0:
+            raise RecipeError(
+                self.source,
+                "data.train",
+                f"not enough training text for one sequence of {r.train.seq_len} tokens",
+            )
+        if tokens.shape[0] < num_sequences:
+            self.log(
+                f"cqil: only {tokens.shape[0]} of {num_sequences} calibration sequences "
+                "(parallelize.search.num_sequences) in the train split"
+            )
+        return tokens
 
     def _load_model(self):
         from cqil.pretrained import load_model
@@ -788,6 +885,8 @@ class RecoveryTrainer:
                 "plan": self.plan.to_dict(),
                 "mode": self.recipe.parallelize.mode,  # coalesce: "parallelized" holds the coalesced model
             }
+            if self.plan_search is not None:  # groups: auto; the search's report is under plan/
+                self.results["plan_search"] = self.plan_search
             if acc.is_main_process:
                 (self.output_dir / "eval.json").write_text(json.dumps(self.results, indent=1))
                 (export_fn or export_recovered)(self, trainable)

@@ -202,3 +202,55 @@ def test_errors_in_the_file_itself(tmp_path):
         load_recipe(broken)
     with pytest.raises(RecipeError, match="key=value"):
         load_recipe(bad, ["train.lr"])
+
+
+AUTO = {"parallelize": {"groups": "auto", "search": {"target_depth": 26}}, "output_dir": "out"}
+
+
+def test_auto_groups_with_a_search_budget_loads(tmp_path):
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text(
+        "parallelize:\n  groups: auto\n  search:\n    degree: 3\n    speedup: 1.2\n    num_sequences: 8\n"
+        "output_dir: out\n"
+    )
+    r = load_recipe(recipe)
+    assert r.parallelize.groups == "auto"
+    s = r.parallelize.search
+    assert (s.degree, s.speedup, s.target_depth, s.num_sequences, s.beam_width) == (3, 1.2, None, 8, 2)
+    assert recipe_from_dict(AUTO).parallelize.search.target_depth == 26
+    assert recipe_from_dict(MINIMAL).parallelize.search is None
+    assert "parallelize.search.target_depth" in field_docs()
+    # Written out, the recipe reads back the same.
+    assert recipe_from_dict(recipe_to_dict(r)) == r
+
+
+@pytest.mark.parametrize(
+    "parallelize, path, message",
+    [
+        ({"groups": "auto"}, "parallelize.search", "needs a search section"),
+        ({"groups": "auto", "search": {}}, "parallelize.search", "exactly one budget.*got none"),
+        (
+            {"groups": "auto", "search": {"target_depth": 20, "speedup": 1.5}},
+            "parallelize.search",
+            "exactly one budget.*got target_depth, speedup",
+        ),
+        ({"groups": "2-6:2", "search": {"target_depth": 20}}, "parallelize.search", "only with"),
+        (
+            {"groups": "auto", "mode": "coalesce", "search": {"target_depth": 20}},
+            "parallelize.groups",
+            "coalesce needs explicit groups",
+        ),
+        ({"groups": "auto", "search": {"degree": 1, "speedup": 2}}, "parallelize.search.degree", ">= 2"),
+        ({"groups": "auto", "search": {"speedup": 1}}, "parallelize.search.speedup", "> 1"),
+        ({"groups": "auto", "search": {"target_depth": 9, "beam": 2}}, "parallelize.search.beam", "unknown"),
+    ],
+)
+def test_auto_groups_errors_name_their_dotted_path(tmp_path, parallelize, path, message):
+    import yaml
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({"parallelize": parallelize, "output_dir": "out"}))
+    with pytest.raises(RecipeError, match=message) as caught:
+        load_recipe(recipe)
+    assert str(caught.value).startswith(f"{recipe}: {path}: ")
+    assert caught.value.path == path

@@ -366,3 +366,40 @@ def test_coalesce_run_with_lora_trains_only_adapters_and_exports_them_merged(tin
     student = trainer.model.student
     assert not any("lora_" in n for n, _ in student.named_parameters())  # merged before the export
     check_plain_export(tmp_path / "run" / "model", student)
+
+
+def test_auto_groups_search_the_plan_once_and_record_it(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "auto"
+    auto = {"groups": "auto", "search": {"degree": 2, "target_depth": 7, "num_sequences": 2, "pool_size": 3}}
+    recipe = tiny_recipe(tiny_model_dir, out, auto, max_steps=3)
+    assert run(recipe) == 0
+    report = json.loads((out / "plan" / "plans.json").read_text())
+    assert (out / "plan" / "table.txt").is_file()
+    assert report["budget"] == {"target_depth": 7} and report["settings"]["num_sequences"] == 2
+    saved = json.loads((out / "eval.json").read_text())
+    plan = GroupPlan.from_dict(saved["plan"])
+    assert plan.num_layers_after == 7 and plan.groups == GroupPlan.from_dict(report["plan"]).groups
+    assert saved["plan_search"]["plans_json"] == "plan/plans.json"
+    assert saved["plan_search"]["budget"] == {"target_depth": 7} and not saved["plan_search"]["reused"]
+    assert saved["steps"] == 3
+
+    # A second run on the same folder (a resume, or a longer run) reuses the recorded plan.
+    import cqil.search
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the plan was searched again")
+
+    monkeypatch.setattr(cqil.search, "search_plan", no_search)
+    assert run(tiny_recipe(tiny_model_dir, out, auto, max_steps=4)) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["plan"] == saved["plan"] and again["plan_search"]["reused"] and again["steps"] == 4
+
+
+def test_auto_groups_budget_error_names_the_budget(tiny_model_dir, tmp_path):
+    from cqil.recipe import RecipeError
+
+    auto = {"groups": "auto", "search": {"degree": 2, "target_depth": 3, "num_sequences": 2}}
+    with pytest.raises(RecipeError, match="shallowest depth") as caught:
+        run(tiny_recipe(tiny_model_dir, tmp_path / "bad", auto))
+    assert caught.value.path == "parallelize.search.target_depth"
+    assert not (tmp_path / "bad" / "plan" / "plans.json").exists()
