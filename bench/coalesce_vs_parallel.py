@@ -30,7 +30,7 @@ import json
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
 from cqil.coalescing import coalesce
@@ -44,21 +44,6 @@ DEFAULT_PLANS = {
 }
 DEFAULT_DATA = "data/sample/heldout.jsonl.gz"
 VARIANTS = ("coalesced", "lp", "none")
-
-
-def build_tiny() -> LlamaForCausalLM:
-    """A random 8-layer Llama with grouped-query attention, small enough for CI."""
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def groups_label(plan: cqil.GroupPlan) -> str:

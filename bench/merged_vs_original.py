@@ -29,27 +29,12 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
 from cqil.pretrained import load_model
 
 DEFAULT_PLANS = {"smollm2-135m": "10-22:2", "tiny": "2-6:2"}
-
-
-def build_tiny() -> LlamaForCausalLM:
-    """A random 8-layer Llama with grouped-query attention, small enough for CI."""
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def synchronize(device: torch.device) -> None:

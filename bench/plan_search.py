@@ -36,7 +36,7 @@ import json
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
 from cqil.data import calibration_tokens
@@ -46,21 +46,6 @@ from cqil.search import measure_plans, search_plan
 from cqil.similarity import layer_input_similarity, suggest_plan
 
 DEFAULT_PAIRS = {"smollm2-135m": [2, 4, 6], "tiny": [1, 2]}
-
-
-def build_tiny() -> LlamaForCausalLM:
-    """A random 8-layer Llama with grouped-query attention, small enough for CI."""
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def contiguous_plans(num_layers: int, pairs: int) -> list[cqil.GroupPlan]:
