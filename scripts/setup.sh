@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Installs cqil with its test extras into .venv (or into the virtualenv that is already active).
+# Installs cqil with its test extras into .venv at the repository root (the README's commands and CI
+# activate that one).
 #
-# torch: an installed torch is kept as it is (a cluster's CUDA build stays untouched); on a machine
-# without one, torch 2.13.0 is installed. On CPU-only build machines that have its CPU wheel on
-# disk, pip takes that file instead of pulling the multi-GB CUDA build.
+# torch: the venv sees the machine's own site-packages, so a torch that is already installed (a
+# cluster's CUDA build) is kept as it is; on a machine without one, torch 2.13.0 is installed. On
+# CPU-only build machines that have its CPU wheel on disk, pip takes that file instead of pulling
+# the multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${VIRTUAL_ENV:-}" ]]; then
-  [[ -d .venv ]] || python3 -m venv .venv
-  # shellcheck disable=SC1091
-  . .venv/bin/activate
-fi
+[[ -d .venv ]] || python3 -m venv --system-site-packages .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
 
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
