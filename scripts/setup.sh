@@ -2,14 +2,20 @@
 # Installs cqil with its test extras into .venv at the repository root (the README's commands and CI
 # activate that one).
 #
-# torch: the venv sees the machine's own site-packages, so a torch that is already installed (a
-# cluster's CUDA build) is kept as it is; on a machine without one, torch 2.13.0 is installed. On
-# CPU-only build machines that have its CPU wheel on disk, pip takes that file instead of pulling
-# the multi-GB CUDA build.
+# torch: where python3 already has torch (a cluster's CUDA build), the venv sees the machine's
+# site-packages and keeps that torch as it is; elsewhere the venv is plain and gets torch 2.13.0.
+# On CPU-only build machines that have its CPU wheel on disk, pip takes that file instead of
+# pulling the multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[[ -d .venv ]] || python3 -m venv --system-site-packages .venv
+if [[ ! -d .venv ]]; then
+  if python3 -c "import torch" 2>/dev/null; then
+    python3 -m venv --system-site-packages .venv
+  else
+    python3 -m venv .venv
+  fi
+fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
