@@ -60,7 +60,8 @@ def add_analyze_parser(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="embedded name (smollm2-135m), HF folder or Hub id")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="JSONL(.gz) files, dirs or globs")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder, refused if not empty")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--groups", type=int, nargs="+", default=[2], metavar="N", help="group counts to suggest")
     p.add_argument("--degree", type=int, default=2, help="layers per group")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
@@ -71,12 +72,14 @@ def add_analyze_parser(subparsers) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    from cqil.search import check_out_dir
     from cqil.similarity import analyze, format_group_ranking
 
     # Fail on a mistyped path now rather than after loading the model.
     for path in args.data:
         if not glob.glob(path):
             raise FileNotFoundError(f"--data {path!r}: no such file or directory")
+    check_out_dir(args.out, args.overwrite)
     model, tokenizer = _load_model(args.model, args.dtype)
     result = analyze(
         model,
@@ -88,6 +91,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         num_sequences=args.num_sequences,
         batch_size=args.batch_size,
+        overwrite=args.overwrite,
     )
     calib = result["calibration"]
     print(f"{args.model}: perplexity on {calib['num_sequences']} x {calib['seq_len']} calibration tokens")

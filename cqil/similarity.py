@@ -182,6 +182,7 @@ def analyze(
     bypass_modes: Sequence[str] = ("lp", "none", "cqil"),
     coalesced: bool = True,
     measured: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Measure layer-input similarity, suggest plans and their perplexity before recovery.
 
@@ -205,7 +206,9 @@ def analyze(
     unknown = [mode for mode in bypass_modes if mode not in BYPASS_MODES]
     if unknown:
         raise ValueError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
-    out_dir = Path(out_dir)
+    from cqil.search import check_out_dir
+
+    out_dir = check_out_dir(out_dir, overwrite)  # a non-empty folder only when told to
     out_dir.mkdir(parents=True, exist_ok=True)
 
     data_paths = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)

@@ -76,10 +76,21 @@ def test_unknown_model(capsys, tmp_path):
         "--data",
         str(data),
         "--out",
-        str(tmp_path),
+        str(tmp_path / "out"),
     ]
     assert main(argv) == 2
     assert_one_line_error(capsys, "missing-model", "not an embedded model")
+
+
+def test_non_empty_out_is_refused_before_loading(capsys, tmp_path):
+    data = write_corpus(tmp_path / "calib.jsonl.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "similarity.json").write_text("{}")
+    argv = ["analyze", "--model", str(tmp_path / "missing-model"), "--data", str(data), "--out", str(out)]
+    assert main(argv) == 2
+    assert_one_line_error(capsys, "out", "not empty")
+    assert (out / "similarity.json").read_text() == "{}"
 
 
 def test_impossible_plan(capsys, tmp_path, tiny_model_dir):
