@@ -35,7 +35,7 @@ from tiny import build_tiny  # bench/tiny.py, beside this script
 import cqil
 from cqil.coalescing import coalesce
 from cqil.data import calibration_tokens
-from cqil.evaluate import perplexity
+from cqil.evaluation import perplexity
 from cqil.pretrained import load_model
 
 DEFAULT_PLANS = {

@@ -40,7 +40,7 @@ from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
 from cqil.data import calibration_tokens
-from cqil.evaluate import perplexity
+from cqil.evaluation import perplexity
 from cqil.pretrained import load_model
 from cqil.search import measure_plans, search_plan
 from cqil.similarity import layer_input_similarity, suggest_plan

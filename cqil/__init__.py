@@ -25,6 +25,8 @@ _EXPORTS = {
     "load_export": "cqil.export",
     "push_to_hub": "cqil.export",
     "search_plan": "cqil.search",
+    "evaluate": "cqil.evaluation",
+    "write_report": "cqil.report",
 }
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "analyze",
     "coalesce",
     "decoalesce",
+    "evaluate",
     "export_model",
     "fetch_model",
     "interpolate",
@@ -41,13 +44,16 @@ __all__ = [
     "push_to_hub",
     "search_plan",
     "trainable_parameters",
+    "write_report",
 ]
 
 if TYPE_CHECKING:
     from cqil.coalescing import coalesce, decoalesce, interpolate
+    from cqil.evaluation import evaluate
     from cqil.export import export_model, load_export, push_to_hub
     from cqil.plan import GroupPlan
     from cqil.pretrained import fetch_model, load_model
+    from cqil.report import write_report
     from cqil.search import search_plan
     from cqil.similarity import analyze
     from cqil.surgery import parallelize, trainable_parameters

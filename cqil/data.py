@@ -415,3 +415,66 @@ def heldout_tokens(
             f"only {tokens.shape[0]} of {num_sequences} held-out sequences in {where}", stacklevel=2
         )
     return tokens
+
+
+UNLABELLED = "unlabelled"  # the source name of records without a source label
+
+
+def heldout_blocks(
+    tokenizer,
+    train_paths: Sequence[PathLike],
+    eval_paths: Sequence[PathLike] | None,
+    *,
+    seq_len: int,
+    num_sequences: int,
+    heldout_fraction: float,
+    source_field: str | None = DEFAULT_SOURCE_FIELD,
+    text_field: str = "text",
+    hub_split: str = "train",
+    max_records: int = 100_000,
+) -> tuple[torch.LongTensor, list[str]]:
+    """About ``num_sequences`` held-out blocks drawn equally from each source: ``(tokens, sources)``.
+
+    Each source's documents are packed on their own (EOS-separated, no padding), so every block
+    holds one source's text and ``sources[i]`` names the source of row ``i``; per-source perplexity
+    is then the same tokens as the overall figure, split by row. Each of the ``S`` sources gives
+    ``ceil(num_sequences / S)`` blocks (fewer if it has too little text, with a warning), sources
+    in order of first appearance. The text is ``eval_paths`` when given, else the hash-held-out
+    documents of ``train_paths``; reading stops at the end, after ``max_records`` documents (a bound
+    for streamed Hub datasets), or after 2,000 once every source seen has its share.
+    """
+    kw = dict(source_field=source_field, text_field=text_field, hub_split=hub_split)
+    if eval_paths:
+        records = iter_records(eval_paths, **kw)
+        where = ", ".join(map(str, eval_paths))
+    else:
+        records = ((t, s) for t, s in iter_records(train_paths, **kw) if in_heldout(t, heldout_fraction))
+        where = f"the {heldout_fraction:.2%} hash split of {', '.join(map(str, train_paths))}"
+    texts: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}  # tokens gathered per source (approximate until packed)
+    for n, (text, source) in enumerate(records, 1):
+        source = source or UNLABELLED
+        if counts.get(source, 0) < num_sequences * seq_len:
+            texts.setdefault(source, []).append(text)
+            counts[source] = counts.get(source, 0) + len(text) // 8  # a cheap lower bound on tokens
+        # A source missing from the first few thousand documents is too rare to report on its own.
+        full = n >= 2_000 and all(c >= num_sequences * seq_len for c in counts.values())
+        if full or n >= max_records:
+            break
+    if not texts:
+        raise ValueError(f"no held-out text in {where}")
+    share = -(-num_sequences // len(texts))
+    tokens, sources = [], []
+    for source, docs in texts.items():
+        blocks = pack_tokens(tokenizer, docs, seq_len=seq_len, max_sequences=share)
+        if blocks.shape[0] < share:
+            warnings.warn(
+                f"only {blocks.shape[0]} of {share} held-out sequences of {seq_len} tokens for source "
+                f"{source!r} in {where}",
+                stacklevel=2,
+            )
+        tokens.append(blocks)
+        sources += [source] * blocks.shape[0]
+    if not sources:
+        raise ValueError(f"not enough held-out text for one sequence of {seq_len} tokens in {where}")
+    return torch.cat(tokens), sources

@@ -288,11 +288,11 @@ def _save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path):
-    """A hidden sibling of ``out`` to write a model folder into.
+def staged_folder(out: Path, *, model: bool = True):
+    """A hidden sibling of ``out`` to write a model folder (or, ``model=False``, any folder) into.
 
-    When the block succeeds the folder is checked — no pickle files (e.g. a tokenizer class that
-    pickles: a model folder must stay safe to open), and every file gets the mode the user's
+    When the block succeeds a model folder is checked — no pickle files (e.g. a tokenizer class
+    that pickles: a model folder must stay safe to open), and every file gets the mode the user's
     umask gives ``config.json`` (some writers, safetensors among them, create mode-600 files) —
     and renamed to ``out``, replacing a previous ``out`` only then. On failure nothing is left.
     """
@@ -301,13 +301,16 @@ def staged_folder(out: Path):
     staging.mkdir()
     try:
         yield staging
-        pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise ValueError(f"refusing to write pickle files into an export: {', '.join(sorted(pickles))}")
-        mode = (staging / "config.json").stat().st_mode & 0o777
-        for path in staging.rglob("*"):
-            if path.is_file():
-                path.chmod(mode)
+        if model:
+            pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise ValueError(
+                    f"refusing to write pickle files into an export: {', '.join(sorted(pickles))}"
+                )
+            mode = (staging / "config.json").stat().st_mode & 0o777
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    path.chmod(mode)
         _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -593,6 +596,12 @@ def _fmt(value) -> str:
 
 
 def _results_markdown(report: Mapping) -> list[str]:
+    if report.get(
+        "schema_version"
+    ):  # a report written by cqil.report: its own tables, plots added by the card
+        from cqil.report import headline, results_markdown
+
+        return [f"**{headline(report)}.**", "", *results_markdown({**report, "plots": []})]
     lines: list[str] = []
     ppl = report.get("perplexity") or {}
     if isinstance(ppl, Mapping) and any(_number(ppl.get(s)) is not None for s in _STAGES):
@@ -617,6 +626,48 @@ def _results_markdown(report: Mapping) -> list[str]:
         rows = [[t, m] + [_fmt(lm_eval[s].get(t, {}).get(m)) for s in stages] for t, m in keys]
         lines += ["lm-eval-harness:", ""] + _table(["task", "metric", *stages], rows)
     return lines
+
+
+def update_model_card(
+    folder: str | os.PathLike,
+    report: Mapping | str | os.PathLike,
+    *,
+    recipe: str | Mapping | os.PathLike | None = None,
+    model_id: str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Re-render the model card of the export at ``folder`` with ``report`` (and copy its plots).
+
+    For a report measured on the export itself (latency, lm-eval), which exists only after the weights
+    were written. The weights and code are not touched; the card is written to a temporary name and
+    renamed, plots first.
+    """
+    from cqil.modeling.configuration_cqil import CqilConfig
+
+    folder = Path(folder)
+    config = CqilConfig.from_pretrained(folder)
+    report_dict, plot_files = _read_report(report)
+    plots = []
+    for path in plot_files:
+        (folder / "plots").mkdir(exist_ok=True)
+        tmp = folder / "plots" / f".{path.name}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, folder / "plots" / path.name)
+        plots.append(f"plots/{path.name}")
+    card = render_model_card(
+        config.cqil,
+        config.get_text_config(),
+        name=model_id or folder.name,
+        base_model=base_model or report_dict.get("base_model"),
+        report=report_dict,
+        recipe=_read_recipe(recipe),
+        plots=plots,
+        dtype=str(config.dtype).removeprefix("torch.") if config.dtype else None,
+    )
+    tmp = folder / ".README.md.tmp"
+    tmp.write_text(card, encoding="utf-8")
+    os.replace(tmp, folder / "README.md")
+    return folder / "README.md"
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -116,7 +116,9 @@ def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=False
+        )  # no prompt: tokenizers need no code
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder}: cannot load its tokenizer ({e})") from None
 

@@ -12,8 +12,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cqil.group import effective_layers
-
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*(-?\d+)\s*$")
 
 
@@ -76,6 +74,9 @@ class GroupPlan:
 
     def effective_layers(self) -> list[tuple[int, ...]]:
         """One entry per effective layer, in order: the original indices it runs (one for ungrouped layers)."""
+        # Imported here: cqil.group needs torch and transformers, which reading a plan (or a recipe) does not.
+        from cqil.group import effective_layers
+
         return effective_layers(self.groups, self.num_layers)
 
     def is_identity(self) -> bool:

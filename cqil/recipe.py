@@ -243,6 +243,20 @@ class EvalConfig:
     num_sequences: int = _f(32, "held-out sequences of train.seq_len tokens", ge=1)
     batch_size: int = _f(4, "sequences per forward pass", ge=1)
     before: bool = _f(True, "also measure the original and the untrained parallelized (or coalesced) model")
+    tasks: list[str] = _f(
+        [], "lm-eval-harness tasks (Hub tasks such as hellaswag need network; data/tasks/ ships cqil_* ones)"
+    )
+    task_paths: list[str] = _f([], "extra folders of lm-eval task YAMLs (data/tasks/ is always included)")
+    task_limit: int | None = _f(None, "at most this many examples per lm-eval task; null: all", ge=1)
+    num_fewshot: int | None = _f(
+        None, "few-shot examples per lm-eval prompt; null: each task's default", ge=0
+    )
+    task_batch_size: int = _f(8, "lm-eval requests per forward pass", ge=1)
+    latency: bool = _f(True, "time prefill and greedy decode of the original and recovered models")
+    latency_prefill_len: int = _f(512, "prompt tokens of the timed prefill (batch 1)", ge=1)
+    latency_new_tokens: int = _f(64, "greedy tokens of the timed decode (batch 1, KV cache)", ge=1)
+    latency_reps: int = _f(3, "interleaved timing repetitions (medians are reported)", ge=1)
+    report: bool = _f(True, "write output_dir/report/ (report.json, report.md, plots)")
 
 
 @dataclass(kw_only=True)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cqil.coalescing import coalesce
 from cqil.data import calibration_tokens
-from cqil.evaluate import perplexity
+from cqil.evaluation import perplexity
 from cqil.group import BYPASS_MODES
 from cqil.plan import GroupPlan
 from cqil.surgery import parallelize

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cqil.data import TokenStream, heldout_tokens, in_heldout, iter_records, pack_tokens
+from cqil.data import TokenStream, heldout_blocks, in_heldout, iter_records, pack_tokens
 from cqil.losses import hidden_loss, kd_loss, lm_loss
 from cqil.plan import GroupPlan
 from cqil.recipe import Recipe, RecipeError, recipe_to_dict
@@ -336,6 +336,21 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _numpy_state(saved: dict | None = None):
+    """NumPy's global RNG state as plain types that ``torch.load(weights_only=True)`` reads, or back."""
+    if saved is None:
+        name, key, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "name": name,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
+    key = saved["key"].numpy().astype(np.uint32)
+    return (saved["name"], key, saved["pos"], saved["has_gauss"], saved["gauss"])
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -365,6 +380,7 @@ class RecoveryTrainer:
         self._stop_signal: int | None = None
         self._old_handlers: dict = {}
         self.plan_search: dict | None = None  # groups: auto: where the plan search's report is
+        self._metrics = None  # logs/metrics.jsonl, open while training on the main process
 
     # -------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -372,6 +388,9 @@ class RecoveryTrainer:
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         r, t = self.recipe, self.recipe.train
+        # First: a preemption signal during the (long) model loading must not kill the run unsaved;
+        # it is acted on after the first step, which checkpoints and exits with EXIT_PREEMPTED.
+        self._install_signal_handlers()
         # On CPU, DeepSpeed needs gloo named explicitly (else it asserts on train_batch_size);
         # a single process has no process group to configure.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -401,7 +420,7 @@ class RecoveryTrainer:
                 self.source, "parallelize.groups", "the plan has no group of two or more layers"
             )
 
-        self.eval_tokens = heldout_tokens(
+        self.eval_tokens, self.eval_sources = heldout_blocks(
             self.tokenizer,
             r.data.train,
             r.data.eval,
@@ -412,9 +431,24 @@ class RecoveryTrainer:
             text_field=r.data.text_field,
             hub_split=r.data.hub_split,
         )
+        if r.eval.tasks:  # an unknown task fails now, not after training
+            from cqil.evaluation import UnknownTaskError, check_tasks, task_manager
+
+            try:
+                self.task_manager = task_manager(r.eval.task_paths)
+                check_tasks(r.eval.tasks, self.task_manager)
+            except (UnknownTaskError, FileNotFoundError) as e:
+                key = "eval.task_paths" if isinstance(e, FileNotFoundError) else "eval.tasks"
+                raise RecipeError(self.source, key, str(e)) from None
         resuming = bool(list_checkpoints(self.output_dir))
         if r.eval.before and not resuming:
             self.results["original"] = self._perplexity(model, "original")
+            self._lm_eval(model, "original")
+            if r.eval.report:
+                from cqil.similarity import layer_input_similarity
+
+                sim = layer_input_similarity(model, self.eval_tokens[:8], progress=False)
+                self.results["similarity"] = [[round(x, 5) for x in row] for row in sim["matrix"].tolist()]
 
         # The teacher's own weights: the grouped region's original layers, copied before the transform.
         loss, p = t.loss, r.parallelize
@@ -443,6 +477,7 @@ class RecoveryTrainer:
         if r.eval.before and not resuming:
             # One key for "before training" in both modes, so their reports line up.
             self.results["parallelized"] = self._perplexity(model, self.before_label)
+            self._lm_eval(model, "parallelized")
 
         self.trainable = self._select_trainable(model)
         if t.gradient_checkpointing:
@@ -499,7 +534,6 @@ class RecoveryTrainer:
             before.write_text(json.dumps(self.results, indent=1))
         if resuming:
             self.resume(list_checkpoints(self.output_dir)[-1])
-        self._install_signal_handlers()
 
     def _search_plan(self, model: nn.Module) -> list[list[int]]:
         """``groups: auto``: the main process searches the plan on calibration text of the train split
@@ -679,13 +713,45 @@ class RecoveryTrainer:
 
     # -------------------------------------------------------------- evaluation
     def _perplexity(self, model: nn.Module, label: str) -> dict:
-        from cqil.evaluate import perplexity
+        from cqil.evaluation import perplexity
 
         t0 = time.time()
-        result = perplexity(model, self.eval_tokens, batch_size=self.recipe.eval.batch_size, progress=False)
+        result = perplexity(
+            model,
+            self.eval_tokens,
+            sources=self.eval_sources,
+            batch_size=self.recipe.eval.batch_size,
+            progress=False,
+        )
         result["seconds"] = round(time.time() - t0, 1)
-        self.log(f"cqil: held-out perplexity, {label}: {result['ppl']:.3f} ({result['tokens']} tokens)")
+        sources = ", ".join(f"{k} {v['ppl']:.3f}" for k, v in result["by_source"].items())
+        self.log(
+            f"cqil: held-out perplexity, {label}: {result['ppl']:.3f} ({result['tokens']} tokens; {sources})"
+        )
         return result
+
+    def _lm_eval(self, model: nn.Module, stage: str) -> None:
+        """lm-eval-harness tasks of the recipe on ``model`` (main process; the others go on)."""
+        e = self.recipe.eval
+        if not e.tasks or not self.accelerator.is_main_process:
+            return
+        from cqil.evaluation import lm_eval_tasks
+
+        t0 = time.time()
+        results = lm_eval_tasks(
+            model,
+            self.tokenizer,
+            e.tasks,
+            limit=e.task_limit,
+            num_fewshot=e.num_fewshot,
+            batch_size=e.task_batch_size,
+            manager=self.task_manager,
+        )
+        self.results.setdefault("lm_eval", {})[stage] = results
+        summary = "; ".join(
+            f"{t} " + ", ".join(f"{m} {v:.4g}" for m, v in ms.items()) for t, ms in results.items()
+        )
+        self.log(f"cqil: lm-eval, {stage} ({time.time() - t0:.0f} s): {summary}")
 
     # -------------------------------------------------------------- train
     def train(self) -> None:
@@ -699,6 +765,11 @@ class RecoveryTrainer:
             bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
         start, start_step = time.time(), self.step
         window_time, window_tokens = time.time(), 0
+        metrics = None
+        if acc.is_main_process:
+            (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
+            # Closed by cleanup(), whichever way the loop ends; flushed after every line.
+            metrics = self._metrics = open(self.output_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         sums: dict[str, float] = {}
         while self.step < t.max_steps:
             step_losses: dict[str, torch.Tensor] = {}
@@ -725,6 +796,12 @@ class RecoveryTrainer:
                 raise NonFiniteLossError(self.step, values)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if metrics is not None:  # every step, for the report's loss curves
+                lr = self.scheduler.get_last_lr()[0]
+                metrics.write(
+                    json.dumps({"step": self.step, **values, "lr": lr, "tokens": self.tokens_seen}) + "\n"
+                )
+                metrics.flush()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
@@ -804,7 +881,7 @@ class RecoveryTrainer:
         rank_state = {
             "stream": self.stream.state_dict(),
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -851,12 +928,12 @@ class RecoveryTrainer:
             with torch.no_grad():
                 for n, p in self.trainable.items():
                     p.copy_(saved[n])
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rank_state = torch.load(path / f"rank-{acc.process_index:03d}.pt", weights_only=False)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rank_state = torch.load(path / f"rank-{acc.process_index:03d}.pt", weights_only=True)
         self.stream.load_state_dict(rank_state["stream"])
         random.setstate(rank_state["python"])
-        np.random.set_state(rank_state["numpy"])
+        np.random.set_state(_numpy_state(rank_state["numpy"]))
         torch.set_rng_state(rank_state["torch"])
         if rank_state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rank_state["cuda"])
@@ -898,7 +975,123 @@ class RecoveryTrainer:
                     )
                 )
         acc.wait_for_everyone()
+        if self.recipe.eval.report and acc.is_main_process:
+            # The rest measures the exported model as users load it, on the main process alone: the
+            # other processes are done and exit (no collective follows, so a long lm-eval run cannot
+            # time one out). The optimizer state goes first, to make room for the two models.
+            self.engine = self.prepared_optimizer = self.optimizer = None
+            acc.free_memory()
+            self.write_report()
         return self.results
+
+    def write_report(self) -> Path:
+        """lm-eval and latency on the export in ``output_dir/model``, then ``output_dir/report/``."""
+        from cqil.report import by_source, gap_closed, headline, read_history, write_report
+
+        r, results = self.recipe, self.results
+        model_dir = self.output_dir / "model"
+        report = {
+            "schema_version": 1,
+            "base_model": r.model.name_or_path,
+            "plan": {
+                "spec": str(self.plan),
+                "groups": [list(g) for g in self.plan.groups],
+                "num_layers": self.plan.num_layers,
+                "num_layers_after": self.plan.num_layers_after,
+                "ideal_speedup": round(self.plan.ideal_speedup, 4),
+                "mode": r.parallelize.mode,
+                "bypass": r.parallelize.bypass,
+                "bypass_distance": r.parallelize.bypass_distance,
+                "gates": r.parallelize.gates,
+                "gate_shape": r.parallelize.gate_shape,
+                "form": r.parallelize.form,
+            },
+            "perplexity": {
+                k: {n: results[k][n] for n in ("ppl", "nll", "tokens")}
+                for k in ("original", "parallelized", "recovered")
+                if k in results
+            },
+            "perplexity_by_source": by_source(results),
+            "steps": results.get("steps"),
+            "tokens_trained": results.get("tokens_seen"),
+            "eval_dataset": ", ".join(
+                r.data.eval or [f"{r.data.eval_fraction:.2%} hash split of data.train"]
+            ),
+            "datasets": list(r.data.train),
+            "recipe": recipe_to_dict(r),
+        }
+        report["gap_closed"] = gap_closed(report["perplexity"])
+        if self.plan_search is not None:  # groups: auto: every plan the search measured
+            searched = json.loads((self.output_dir / self.plan_search["plans_json"]).read_text())
+            keys = ("groups", "depth", "speedup", "ppl")
+            report["plan_search"] = [{k: c[k] for k in keys} for c in searched["candidates"]]
+        lm_eval = dict(results.get("lm_eval") or {})
+        exported = (model_dir / "config.json").is_file()
+        if exported and (r.eval.tasks or r.eval.latency):
+            recovered = self._load_exported(model_dir)
+            if r.eval.tasks:
+                self._lm_eval(recovered, "recovered")
+                lm_eval["recovered"] = results["lm_eval"]["recovered"]
+            if r.eval.latency:
+                report["latency"] = self._latency(recovered)
+            del recovered
+        if lm_eval:
+            e = r.eval
+            report["lm_eval"] = lm_eval
+            report["lm_eval_settings"] = {
+                "tasks": e.tasks,
+                "limit": e.task_limit,
+                "num_fewshot": e.num_fewshot,
+            }
+        metrics = self.output_dir / "logs" / "metrics.jsonl"
+        similarity = results.get("similarity")
+        out = write_report(
+            report,
+            self.output_dir / "report",
+            similarity=torch.tensor(similarity) if similarity else None,
+            history=read_history(metrics) if metrics.is_file() else None,
+            overwrite=True,  # output_dir belongs to this run
+        )
+        if exported and r.parallelize.mode == "parallel":
+            from cqil.export import update_model_card
+
+            update_model_card(model_dir, out / "report.json", recipe=recipe_to_dict(r))
+        elif exported:
+            _update_coalesced_card(self, out)
+        self.log(f"cqil: report {out / 'report.md'}: {headline(report)}")
+        return out
+
+    def _load_exported(self, folder: Path) -> nn.Module:
+        device, dtype = self.accelerator.device, self.recipe.model.dtype
+        if self.recipe.parallelize.mode == "coalesce":  # a plain checkpoint of the base architecture
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+        from cqil.export import load_export
+
+        return load_export(folder, dtype=dtype, device=device)
+
+    def _latency(self, recovered: nn.Module) -> dict:
+        """Prefill and decode speed of the original (reloaded) and the recovered model, side by side."""
+        from cqil.evaluation import measure_latency
+
+        e = self.recipe.eval
+        original, _ = self._load_model()
+        original.to(self.accelerator.device)
+        latency = measure_latency(
+            {"original": original, "recovered": recovered},
+            prefill_len=e.latency_prefill_len,
+            new_tokens=e.latency_new_tokens,
+            reps=e.latency_reps,
+            progress=False,
+        )
+        latency["ideal"] = round(self.plan.ideal_speedup, 4)
+        speed = latency["speedup"]["recovered"]
+        self.log(
+            f"cqil: latency on {latency['device']}: prefill {speed['prefill']:.3f}x, decode "
+            f"{speed['decode']:.3f}x the original (ideal L/L_eff {latency['ideal']:.3f}x)"
+        )
+        return latency
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -913,6 +1106,9 @@ class RecoveryTrainer:
             yield
 
     def cleanup(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers = {}
@@ -1027,6 +1223,22 @@ def _coalesced_card(trainer: RecoveryTrainer) -> str:
         n = results.get("recovered", {}).get("tokens")
         lines += ["", f"Held-out perplexity ({n} tokens):", "", "| model | perplexity |", "|---|---|", *table]
     return "\n".join(lines) + "\n"
+
+
+def _update_coalesced_card(trainer: RecoveryTrainer, report_dir: Path) -> None:
+    """The coalesced model's card with the report's tables and plots (copied to ``model/plots/``)."""
+    from cqil.report import headline, results_markdown
+
+    model_dir = trainer.output_dir / "model"
+    report = json.loads((report_dir / "report.json").read_text())
+    (model_dir / "plots").mkdir(exist_ok=True)
+    for name in report.get("plots", []):
+        shutil.copyfile(report_dir / name, model_dir / "plots" / name)
+    lines = [_coalesced_card(trainer), "## Results", "", f"**{headline(report)}.**", ""]
+    lines += results_markdown(report, plot_dir="plots/")
+    tmp = model_dir / ".README.md.tmp"
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, model_dir / "README.md")
 
 
 def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: Callable | None = None) -> int:

@@ -18,7 +18,7 @@ from tiny_text import make_tokenizer, write_corpus
 
 import cqil
 from cqil.cli import main
-from cqil.evaluate import perplexity
+from cqil.evaluation import perplexity
 from cqil.search import (
     BudgetError,
     estimate_speedup,

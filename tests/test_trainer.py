@@ -16,7 +16,7 @@ import torch
 from cqil.coalescing import coalesce
 from cqil.export import load_export
 from cqil.plan import GroupPlan
-from cqil.recipe import recipe_from_dict
+from cqil.recipe import RecipeError, recipe_from_dict
 from cqil.surgery import parallelize, trainable_parameters
 from cqil.trainer import (
     EXIT_NONFINITE,
@@ -31,7 +31,9 @@ from cqil.trainer import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_model  # noqa: E402
-from tiny_text import make_tokenizer, write_corpus  # noqa: E402
+from tiny_text import make_tokenizer, write_corpus, write_task  # noqa: E402
+
+from cqil.report import headline  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -143,10 +145,11 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(root / "model")
     make_tokenizer().save_pretrained(root / "model")
     write_corpus(root / "train.jsonl.gz")
+    write_task(root / "tasks")
     return root
 
 
-def tiny_recipe(root: Path, out: Path, parallelize: dict | None = None, **train):
+def tiny_recipe(root: Path, out: Path, parallelize: dict | None = None, eval: dict | None = None, **train):
     t = dict(
         max_steps=6,
         seq_len=16,
@@ -166,14 +169,21 @@ def tiny_recipe(root: Path, out: Path, parallelize: dict | None = None, **train)
             "parallelize": {"groups": "2-6:2"} | (parallelize or {}),
             "train": t,
             "data": {"train": str(root / "train.jsonl.gz"), "eval_fraction": 0.2},
-            "eval": {"num_sequences": 4},
+            "eval": {
+                "num_sequences": 4,
+                "latency_prefill_len": 32,
+                "latency_new_tokens": 8,
+                "latency_reps": 1,
+            }
+            | (eval or {}),
             "output_dir": str(out),
         }
     )
 
 
 def test_run_trains_only_the_groups_and_recovers(tiny_model_dir, tmp_path):
-    trainer = RecoveryTrainer(tiny_recipe(tiny_model_dir, tmp_path / "run"))
+    tasks = {"tasks": ["tiny_choice"], "task_paths": [str(tiny_model_dir / "tasks")]}
+    trainer = RecoveryTrainer(tiny_recipe(tiny_model_dir, tmp_path / "run", eval=tasks))
     try:
         trainer.setup()
         student = trainer.model.student
@@ -200,6 +210,40 @@ def test_run_trains_only_the_groups_and_recovers(tiny_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003", "step-000006"]
+
+    # The report: the three stages' perplexity as evaluated, lm-eval on each, latency, loss curves.
+    report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    for stage in ("original", "parallelized", "recovered"):
+        assert report["perplexity"][stage]["ppl"] == saved[stage]["ppl"]
+        assert set(report["lm_eval"][stage]) == {"tiny_choice"}
+    assert set(report["perplexity_by_source"]) == set(saved["recovered"]["by_source"])
+    lost = saved["parallelized"]["ppl"] - saved["original"]["ppl"]
+    won = saved["parallelized"]["ppl"] - saved["recovered"]["ppl"]
+    assert report["gap_closed"] == (pytest.approx(won / lost) if lost > 0 else None)
+    assert report["latency"]["ideal"] == pytest.approx(8 / 6, rel=1e-3) and report["tokens_trained"] == 6 * 64
+    assert report["plots"] == ["similarity.png", "losses.png", "perplexity.png", "quality_latency.png"]
+    history = [
+        json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6] and {"kd", "lm", "hidden", "loss"} <= set(
+        history[0]
+    )
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert headline(report) in card and (tmp_path / "run" / "model" / "plots" / "losses.png").is_file()
+
+
+def test_an_unknown_lm_eval_task_fails_before_training(tiny_model_dir, tmp_path):
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", eval={"tasks": ["tiny_choice", "hellaswagg"]})
+    with pytest.raises(RecipeError, match=r"eval\.tasks: unknown lm-eval task 'tiny_choice'"):
+        run(recipe)
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        tmp_path / "run",
+        eval={"tasks": ["hellaswagg"], "task_paths": [str(tiny_model_dir / "tasks")]},
+    )
+    with pytest.raises(RecipeError, match=r"eval\.tasks: unknown lm-eval task 'hellaswagg'"):
+        run(recipe)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model").exists()
 
 
 def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
@@ -290,7 +334,8 @@ def check_plain_export(folder: Path, student):
     assert not [n for n in names if n.endswith((".py", ".bin", ".pt"))], names
     config = json.loads((folder / "config.json").read_text())
     assert "auto_map" not in config and config["architectures"] == [type(student).__name__]
-    assert len({(folder / n).stat().st_mode for n in names}) == 1  # one file mode, as export_model gives
+    files = [folder / n for n in names if (folder / n).is_file()]
+    assert len({f.stat().st_mode for f in files}) == 1  # one file mode, as export_model gives
     assert config["num_hidden_layers"] == 6 and config["cqil_coalesced"]["plan"]["groups"] == [[2, 3], [4, 5]]
     assert AutoTokenizer.from_pretrained(folder).get_vocab() == make_tokenizer().get_vocab()
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()

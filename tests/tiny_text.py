@@ -48,3 +48,44 @@ def write_corpus(path: Path, repeats: int = 20) -> Path:
             for text, source in zip(SENTENCES, SOURCES, strict=True):
                 f.write(json.dumps({"text": text, "meta": {"redpajama_set_name": source}}) + "\n")
     return path
+
+
+def write_task(folder: Path, name: str = "tiny_choice") -> list[dict]:
+    """An lm-eval multiple-choice task over the sentences (``dataset_path: json``, local file); returns its docs.
+
+    Each document is the first half of a sentence, to be completed by its own second half among
+    the second halves of three sentences.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for i, sentence in enumerate(SENTENCES):
+        words = sentence.split()
+        cut = len(words) // 2
+        others = [SENTENCES[(i + k) % len(SENTENCES)].split() for k in (1, 2)]
+        choices = [" ".join(words[cut:])] + [" ".join(o[len(o) // 2 :]) for o in others]
+        label = i % 3
+        choices[0], choices[label] = choices[label], choices[0]
+        docs.append({"context": " ".join(words[:cut]), "choices": choices, "label": label})
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    (folder / f"{name}.yaml").write_text(
+        f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+        encoding="utf-8",
+    )
+    return docs

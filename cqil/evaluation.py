@@ -1,0 +1,450 @@
+"""Evaluation of original, parallelized and recovered models.
+
+* :func:`perplexity`: held-out perplexity on packed token blocks, overall and per source;
+* :func:`lm_eval_tasks`: lm-eval-harness tasks on an in-memory model (no re-loading), Hub tasks by
+  name or the small local tasks shipped in ``data/tasks/`` (:data:`LOCAL_TASKS`);
+* :func:`measure_latency`: prefill and greedy-decode speed of several models, interleaved.
+
+:func:`cqil.report.write_report` turns their results into the run's report.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# The local tasks built from the shipped held-out text (data/tasks/build_tasks.py); a source
+# checkout or an editable install finds them here.
+LOCAL_TASKS = Path(__file__).resolve().parents[1] / "data" / "tasks"
+
+
+class UnknownTaskError(ValueError):
+    """An lm-eval task name that no task folder defines."""
+
+
+def perplexity(
+    model,
+    tokens: torch.LongTensor,
+    *,
+    sources: Sequence[str] | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of a causal LM on packed sequences ``tokens`` of shape (N, T).
+
+    Every position but the first of each row is predicted from the tokens before it in that
+    row (rows are independent, no sliding window). Returns ``{"ppl", "nll", "tokens"}`` where
+    ``nll`` is the mean negative log-likelihood per predicted token (nats) and ``tokens``
+    the number of predicted tokens, N * (T - 1). With ``sources`` (one name per row, as
+    :func:`cqil.data.heldout_blocks` gives), ``"by_source"`` maps each name to the same three
+    numbers over its rows.
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must have shape (N, T) with T >= 2, got {tuple(tokens.shape)}")
+    if sources is not None and len(sources) != len(tokens):
+        raise ValueError(f"{len(sources)} source names for {len(tokens)} sequences")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    row_nll = torch.zeros(len(tokens), dtype=torch.float64)
+    try:
+        with torch.inference_mode():
+            for start in tqdm(
+                range(0, len(tokens), batch_size), desc="perplexity", unit="batch", disable=not progress
+            ):
+                batch = tokens[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                # Cross-entropy in float32 even for half-precision models: the sum runs over
+                # the whole vocabulary and bf16 loses the small probabilities.
+                nll = F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none"
+                ).sum(1)
+                row_nll[start : start + len(batch)] = nll.double().cpu()
+    finally:
+        model.train(was_training)
+    per_row = tokens.shape[1] - 1
+
+    def summary(rows: torch.Tensor) -> dict:
+        mean = float(rows.sum()) / (len(rows) * per_row)
+        return {"ppl": math.exp(mean), "nll": mean, "tokens": len(rows) * per_row}
+
+    result = summary(row_nll)
+    if sources is not None:
+        names = list(dict.fromkeys(sources))
+        result["by_source"] = {
+            name: summary(row_nll[[i for i, s in enumerate(sources) if s == name]]) for name in names
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+
+
+def task_manager(paths: Sequence[str | os.PathLike] = ()):
+    """An lm-eval ``TaskManager`` that knows the harness's tasks, the shipped local ones and ``paths``."""
+    include = [str(LOCAL_TASKS)] if LOCAL_TASKS.is_dir() else []
+    for path in paths:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"lm-eval task folder {path}: no such folder")
+        include.append(str(Path(path).resolve()))
+    return _task_manager(tuple(include))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: tuple[str, ...]):
+    # Indexing the harness's few thousand task YAMLs takes seconds; the index does not change.
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None)
+
+
+def check_tasks(tasks: Sequence[str], manager) -> None:
+    """Raise :class:`UnknownTaskError` naming the first task (or group/tag) ``manager`` does not know."""
+    known = set(manager.all_tasks)
+    for task in tasks:
+        if task not in known:
+            local = sorted(t for t in known if t.startswith("cqil_"))
+            raise UnknownTaskError(
+                f"unknown lm-eval task {task!r} (local tasks: {', '.join(local) or 'none'}; "
+                "the harness's own tasks are listed by `lm-eval ls tasks`)"
+            )
+
+
+def lm_eval_tasks(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    paths: Sequence[str | os.PathLike] = (),
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    manager=None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval-harness ``tasks`` on the in-memory ``model``; returns ``{task: {metric: value}}``.
+
+    Metric names are the harness's without the filter suffix (``"acc"``, ``"acc_norm"``,
+    ``"perplexity"``); standard errors are left out. ``limit`` caps the examples per task (a count,
+    or a fraction below 1). Unknown task names raise :class:`UnknownTaskError` before anything runs.
+    """
+    if not tasks:
+        return {}
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    manager = manager or task_manager(paths)
+    check_tasks(tasks, manager)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    # The harness warns on every call that an in-memory model is used (on purpose here) and that
+    # the local tasks load their data with a function; its errors still show.
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(
+            pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size, device=str(device)
+        )
+        out = lm_eval.simple_evaluate(
+            lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            bootstrap_iters=0,  # stderr by bootstrap costs minutes per task and is left out
+        )
+    finally:
+        logger.setLevel(level)
+        model.train(was_training)
+    results: dict[str, dict[str, float]] = {}
+    for task, metrics in (out or {}).get("results", {}).items():
+        for key, value in metrics.items():
+            metric, _, _ = key.partition(",")
+            if "," in key and "stderr" not in metric and isinstance(value, (int, float)):
+                results.setdefault(task, {})[metric] = float(value)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- latency
+
+
+def device_name(device: torch.device) -> str:
+    """A human name of ``device``: the GPU model, or the CPU with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} thread(s)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_prefill(model, ids: torch.Tensor) -> float:
+    _sync(ids.device)
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    _sync(ids.device)
+    return time.perf_counter() - start
+
+
+def _time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    _sync(prompt.device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    _sync(prompt.device)
+    return time.perf_counter() - start
+
+
+def measure_latency(
+    models: Mapping[str, torch.nn.Module],
+    *,
+    prefill_len: int = 512,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    reps: int = 3,
+    baseline: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Prefill and greedy-decode speed of ``models`` (batch 1), measured side by side.
+
+    Prefill is one forward of ``prefill_len`` tokens building the KV cache; decode is ``new_tokens``
+    greedy steps with the cache after an untimed ``prompt_len``-token prompt. After one warmup
+    round the models alternate within every repetition (forward, then reversed order), so drift in
+    machine load hits all alike. Returns the device, the settings, ``models``: per model the median
+    times and tokens/s, and ``speedup``: per model but ``baseline`` (default the first), the medians
+    of the per-repetition time ratios baseline / model, per phase.
+    """
+    names = list(models)
+    baseline = baseline or names[0]
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    vocab = first.config.get_text_config().vocab_size
+    ids = torch.randint(vocab, (1, prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = ids[:, :prompt_len]
+    times = {name: {"prefill": [], "decode": []} for name in names}
+    modes = {name: m.training for name, m in models.items()}
+    try:
+        with torch.inference_mode():
+            for model in models.values():
+                model.eval()
+                _time_prefill(model, ids)
+                _time_decode(model, prompt, min(new_tokens, 4))
+            for rep in tqdm(range(reps), desc="latency", unit="rep", disable=not progress):
+                for name in names if rep % 2 == 0 else names[::-1]:
+                    times[name]["prefill"].append(_time_prefill(models[name], ids))
+                    times[name]["decode"].append(_time_decode(models[name], prompt, new_tokens))
+    finally:
+        for name, model in models.items():
+            model.train(modes[name])
+    out = {
+        "device": device_name(device),
+        "prefill_len": prefill_len,
+        "new_tokens": new_tokens,
+        "reps": reps,
+        "baseline": baseline,
+    }
+    out["models"] = {}
+    for name in names:
+        prefill, decode = statistics.median(times[name]["prefill"]), statistics.median(times[name]["decode"])
+        out["models"][name] = {
+            "prefill_ms": round(prefill * 1e3, 3),
+            "prefill_tokens_per_s": round(prefill_len / prefill, 2),
+            "decode_ms_per_token": round(decode * 1e3 / new_tokens, 3),
+            "decode_tokens_per_s": round(new_tokens / decode, 2),
+        }
+    out["speedup"] = {
+        name: {
+            phase: round(
+                statistics.median(
+                    a / b for a, b in zip(times[baseline][phase], times[name][phase], strict=True)
+                ),
+                4,
+            )
+            for phase in ("prefill", "decode")
+        }
+        for name in names
+        if name != baseline
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- all of it
+
+
+def evaluate(
+    model,
+    *,
+    tokenizer=None,
+    original=None,
+    data: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    seq_len: int = 512,
+    num_sequences: int = 32,
+    batch_size: int = 4,
+    tasks: Sequence[str] = (),
+    task_paths: Sequence[str | os.PathLike] = (),
+    task_limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    latency: bool = True,
+    latency_reps: int = 3,
+    source_field: str | None = "meta.redpajama_set_name",
+    text_field: str = "text",
+    dtype: str | None = None,
+    device: str | torch.device | None = None,
+    out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate a recovered model (and, given ``original``, the original and the rewrite before training).
+
+    ``model``: a cqil export folder or a model rewritten by :func:`cqil.parallelize`. ``original``: the
+    original model (a name for :func:`cqil.load_model`, or the model itself); with it, the
+    ``parallelized`` stage is the original rewritten by the export's own plan and options with the
+    gates at their initial values, i.e. the model before recovery. ``data``: held-out text for
+    perplexity (overall and per source, :func:`cqil.data.heldout_blocks`); ``tasks``: lm-eval
+    tasks; ``latency``: time the original and the recovered model side by side. Returns the report
+    (:mod:`cqil.report` documents it) and, with ``out_dir``, writes it there. Bad input (an existing
+    ``out_dir``, an unknown task, a folder that is not an export, text with nothing usable) fails
+    before any model is evaluated, and nothing is written.
+    """
+    import copy
+
+    from cqil.data import heldout_blocks
+    from cqil.export import check_export, load_export
+    from cqil.plan import GroupPlan
+    from cqil.pretrained import EMBEDDED_MODELS, fetch_model, load_model
+    from cqil.report import by_source, gap_closed, write_report
+    from cqil.surgery import parallelize
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+            raise FileExistsError(
+                f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+            )
+    manager = task_manager(task_paths) if tasks else None
+    if tasks:
+        check_tasks(tasks, manager)
+    folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if folder is not None:
+        check_export(folder)  # not an export, missing or mismatched weights: fail before loading anything
+        if tokenizer is None and (folder / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if tokenizer is None and isinstance(original, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            fetch_model(str(original)) if str(original) in EMBEDDED_MODELS else original
+        )
+    if tokenizer is None:
+        raise ValueError(
+            "a tokenizer is needed: pass tokenizer=, or an export folder or original that has one"
+        )
+    if data is not None:  # text with nothing usable fails here, before any model is loaded
+        paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        tokens, sources = heldout_blocks(
+            tokenizer,
+            paths,
+            paths,
+            seq_len=seq_len,
+            num_sequences=num_sequences,
+            heldout_fraction=0.5,  # unused: the whole of ``data`` is held out
+            source_field=source_field,
+            text_field=text_field,
+        )
+    if folder is not None:
+        model = load_export(folder, dtype=dtype, device=device)
+    device = next(model.parameters()).device
+    cqil = model.config.cqil
+    plan = GroupPlan(cqil["plan"]["groups"], cqil["plan"]["num_layers"])
+    if isinstance(original, (str, os.PathLike)):
+        original, _ = load_model(str(original), dtype=dtype or "float32", device=device)
+
+    stages = {"recovered": model}
+    if original is not None:
+        rebuilt = parallelize(
+            copy.deepcopy(original),
+            plan,
+            bypass=cqil["bypass"],
+            bypass_distance=cqil.get("bypass_distance", 1),
+            gates=cqil["gates"],
+            gate_shape=cqil.get("gate_shape", "scalar"),
+            form=cqil["form"],
+        )
+        stages = {"original": original, "parallelized": rebuilt, "recovered": model}
+    report: dict = {
+        "schema_version": 1,
+        "base_model": getattr(original, "name_or_path", None) if original is not None else None,
+        "plan": {
+            "spec": str(plan),
+            "groups": [list(g) for g in plan.groups],
+            "num_layers": plan.num_layers,
+            "num_layers_after": plan.num_layers_after,
+            "ideal_speedup": round(plan.ideal_speedup, 4),
+            "mode": "parallel",
+            **{k: cqil.get(k) for k in ("bypass", "bypass_distance", "gates", "gate_shape", "form")},
+        },
+    }
+    if data is not None:
+        results = {
+            name: perplexity(m, tokens, sources=sources, batch_size=batch_size, progress=progress)
+            for name, m in stages.items()
+        }
+        report["perplexity"] = {k: {n: v[n] for n in ("ppl", "nll", "tokens")} for k, v in results.items()}
+        report["perplexity_by_source"] = by_source(results)
+        report["gap_closed"] = gap_closed(report["perplexity"])
+        report["eval_dataset"] = ", ".join(map(str, paths))
+    if tasks:
+        report["lm_eval"] = {
+            name: lm_eval_tasks(
+                m,
+                tokenizer,
+                tasks,
+                limit=task_limit,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                manager=manager,
+            )
+            for name, m in stages.items()
+        }
+        report["lm_eval_settings"] = {"tasks": list(tasks), "limit": task_limit, "num_fewshot": num_fewshot}
+    if latency and original is not None:
+        report["latency"] = measure_latency(
+            {"original": original, "recovered": model}, reps=latency_reps, progress=progress
+        )
+        report["latency"]["ideal"] = round(plan.ideal_speedup, 4)
+    if out_dir is not None:
+        sim = None
+        if original is not None and data is not None:
+            from cqil.similarity import layer_input_similarity
+
+            sim = layer_input_similarity(original, tokens[:8], progress=False)["matrix"]
+        write_report(report, out_dir, similarity=sim, overwrite=overwrite)
+    return report

@@ -1,0 +1,364 @@
+"""The evaluation report of a recovery: ``report.json``, ``report.md`` and PNG plots in one folder.
+
+``report.json`` (``schema_version`` 1); every key but ``schema_version`` and ``plan`` may be absent
+when it was not measured:
+
+``schema_version``
+    1.
+``base_model``
+    the original model's name or path, as the recipe gave it.
+``plan``
+    ``{"spec", "groups", "num_layers", "num_layers_after", "ideal_speedup", "bypass", "bypass_distance",
+    "gates", "gate_shape", "form", "mode"}``: the groups and how they run; ``ideal_speedup`` is
+    ``num_layers / num_layers_after`` (L / L_eff).
+``perplexity``
+    ``{stage: {"ppl", "nll", "tokens"}}`` for the stages ``original``, ``parallelized`` (before
+    training; in coalesce mode the coalesced model) and ``recovered``: held-out perplexity, mean
+    negative log-likelihood per predicted token (nats) and the number of predicted tokens. All stages
+    see the same tokens.
+``perplexity_by_source``
+    ``{source: {stage: {"ppl", "nll", "tokens"}}}``: the same, split by the records' source label.
+``gap_closed``
+    ``(ppl_parallelized - ppl_recovered) / (ppl_parallelized - ppl_original)``: the fraction of the
+    perplexity lost by the rewrite that training won back (1.0: all of it).
+``lm_eval``
+    ``{stage: {task: {metric: value}}}`` from lm-eval-harness (metric names without the harness's
+    filter suffix, no standard errors); ``lm_eval_settings`` holds ``{"tasks", "limit", "num_fewshot"}``.
+``latency``
+    ``{"device", "prefill_len", "new_tokens", "reps", "baseline", "models": {name: {"prefill_ms",
+    "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s"}}, "speedup": {name:
+    {"prefill", "decode"}}, "ideal"}``: batch-1 speed of the original and the recovered model measured
+    side by side (:func:`cqil.evaluation.measure_latency`); ``speedup`` is the original's time over
+    the model's; ``ideal`` is L / L_eff.
+``steps``, ``tokens_trained``
+    optimizer steps and training tokens (all processes).
+``plan_search``
+    with ``groups: auto``: every plan the search measured, ``[{"groups", "depth", "speedup", "ppl"}]``
+    (``speedup``: the search's estimate from measured per-layer times; ``ppl`` on its calibration text).
+``eval_dataset``, ``datasets``
+    the held-out text and the training data, as the recipe named them.
+``recipe``
+    the whole recipe as a dict.
+``plots``
+    the PNG files beside ``report.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+STAGES = ("original", "parallelized", "recovered")
+_STAGE_COLORS = {"original": "#4c72b0", "parallelized": "#dd8452", "recovered": "#55a868"}
+
+
+def gap_closed(perplexity: Mapping) -> float | None:
+    """The fraction of the rewrite's perplexity loss that recovery won back, or None if unknown."""
+    try:
+        original, before, after = (float(perplexity[s]["ppl"]) for s in STAGES)
+    except (KeyError, TypeError):
+        return None
+    if before - original <= 0:  # the rewrite lost nothing: there is no gap to close
+        return None
+    return (before - after) / (before - original)
+
+
+def by_source(results: Mapping[str, Mapping]) -> dict[str, dict[str, dict]]:
+    """``{source: {stage: numbers}}`` from ``{stage: perplexity(...) result}`` (sources in first-seen order)."""
+    out: dict[str, dict[str, dict]] = {}
+    for stage in STAGES:
+        for source, numbers in (results.get(stage) or {}).get("by_source", {}).items():
+            out.setdefault(source, {})[stage] = dict(numbers)
+    return out
+
+
+def headline(report: Mapping) -> str:
+    """ "X % of the perplexity gap closed, Y× faster decode" (the parts that were measured)."""
+    parts = []
+    closed = report.get("gap_closed")
+    if closed is not None:
+        parts.append(f"{100 * closed:.1f} % of the perplexity gap closed")
+    speedup = (report.get("latency") or {}).get("speedup", {}).get("recovered", {}).get("decode")
+    if speedup is not None:
+        parts.append(f"{speedup:.2f}× faster decode")
+    if not parts:
+        ppl = (report.get("perplexity") or {}).get("recovered", {}).get("ppl")
+        parts.append(f"recovered perplexity {ppl:.3f}" if ppl is not None else "no results")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(align) + "|",
+        *["| " + " | ".join(r) + " |" for r in rows],
+        "",
+    ]
+
+
+def _num(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
+    """The report's tables and plots as Markdown lines (the body of ``report.md`` and of the model card)."""
+    lines: list[str] = []
+    ppl = report.get("perplexity") or {}
+    stages = [s for s in STAGES if s in ppl]
+    if stages:
+        where = f" on `{report['eval_dataset']}`" if report.get("eval_dataset") else ""
+        tokens = next(iter(ppl.values())).get("tokens")
+        lines += [f"### Perplexity{where} ({tokens:,} tokens, lower is better)", ""]
+        rows = [["all", *[_num(ppl[s]["ppl"]) for s in stages]]]
+        for source, numbers in (report.get("perplexity_by_source") or {}).items():
+            n = next(iter(numbers.values())).get("tokens")
+            rows.append([f"{source} ({n:,} tokens)", *[_num(numbers.get(s, {}).get("ppl")) for s in stages]])
+        lines += _table(["text", *stages], rows)
+    lm_eval = report.get("lm_eval") or {}
+    lm_stages = [s for s in STAGES if s in lm_eval]
+    if lm_stages:
+        settings = report.get("lm_eval_settings") or {}
+        limit = settings.get("limit")
+        note = f", at most {limit} examples per task" if limit else ""
+        shots = settings.get("num_fewshot") or 0
+        lines += [f"### lm-eval-harness ({shots}-shot{note})", ""]
+        keys = list(dict.fromkeys((t, m) for s in lm_stages for t, ms in lm_eval[s].items() for m in ms))
+        rows = [[t, m, *[_num(lm_eval[s].get(t, {}).get(m), 4) for s in lm_stages]] for t, m in keys]
+        lines += _table(["task", "metric", *lm_stages], rows)
+    latency = report.get("latency") or {}
+    if latency.get("models"):
+        lines += [
+            f"### Latency (batch 1, {latency['device']})",
+            "",
+            f"Prefill of {latency['prefill_len']} tokens and greedy decoding of {latency['new_tokens']} "
+            f"tokens with the KV cache, medians of {latency['reps']} interleaved repetitions.",
+            "",
+        ]
+        rows = []
+        for name, m in latency["models"].items():
+            speed = latency.get("speedup", {}).get(name, {})
+            rows.append(
+                [
+                    name,
+                    _num(m["prefill_tokens_per_s"], 1),
+                    _num(m["decode_tokens_per_s"], 2),
+                    f"{speed['prefill']:.3f}×" if speed else "1×",
+                    f"{speed['decode']:.3f}×" if speed else "1×",
+                ]
+            )
+        lines += _table(
+            ["model", "prefill tokens/s", "decode tokens/s", "prefill speedup", "decode speedup"], rows
+        )
+        if latency.get("ideal") and (report.get("plan") or {}).get("mode", "parallel") == "parallel":
+            lines += [
+                f"Ideal speedup of the layer stack, L / L_eff: {latency['ideal']:.3f}× (on one device the "
+                "branches of a group still run one after another; the depth reduction pays off when they run "
+                "on separate devices, see `cqil.concurrent`).",
+                "",
+            ]
+    names = [p for p in report.get("plots", [])]
+    if names:
+        lines += ["### Plots", ""]
+        lines += [f"![{Path(p).stem}]({plot_dir}{p})" for p in names]
+        lines += [""]
+    return lines
+
+
+def render_markdown(report: Mapping) -> str:
+    """``report.md``: the headline, what was done, then the tables and plots."""
+    plan = report.get("plan") or {}
+    lines = [f"# Recovery report: {report.get('base_model', 'model')}", "", f"**{headline(report)}.**", ""]
+    if plan:
+        mode = "coalesced" if plan.get("mode") == "coalesce" else "parallel"
+        lines += [
+            f"- Plan `{plan['spec']}`: {len(plan['groups'])} {mode} group(s), {plan['num_layers']} -> "
+            f"{plan['num_layers_after']} sequential layers (ideal {plan['ideal_speedup']:.2f}×); bypass "
+            f"`{plan.get('bypass')}`, gates `{plan.get('gates')}`, form `{plan.get('form')}`.",
+        ]
+    if report.get("tokens_trained") is not None:
+        lines.append(f"- Trained {report.get('steps', 0)} steps on {report['tokens_trained']:,} tokens.")
+    ppl = report.get("perplexity") or {}
+    if all(s in ppl for s in STAGES):
+        lines.append(
+            "- Held-out perplexity: original {:.3f}, parallelized {:.3f}, recovered {:.3f}.".format(
+                *(ppl[s]["ppl"] for s in STAGES)
+            )
+        )
+    lines += ["", *results_markdown(report)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def similarity_png(matrix, groups: Sequence[Sequence[int]]) -> bytes:
+    """Heatmap of the original layers' input similarity with the plan's groups outlined."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    fig = Figure(figsize=(5.6, 4.8), layout="constrained")
+    ax = fig.subplots()
+    data = matrix.numpy() if hasattr(matrix, "numpy") else matrix
+    image = ax.imshow(data, cmap="viridis", vmax=1.0)
+    for group in groups:
+        start, size = group[0], len(group)
+        ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="red", lw=1.5))
+    ax.set_title("cosine similarity of the original layers' inputs\n(red: the parallel groups)", fontsize=9)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    return _png(fig)
+
+
+def losses_png(history: Sequence[Mapping]) -> bytes:
+    """Training loss curves, one panel per loss part (and the weighted total), against the step."""
+    from matplotlib.figure import Figure
+
+    parts = [k for k in dict.fromkeys(k for h in history for k in h) if k not in ("step", "lr", "tokens")]
+    parts = ["loss"] + [k for k in parts if k != "loss"]
+    fig = Figure(figsize=(4.2 * len(parts), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(parts), squeeze=False)[0]
+    for ax, part in zip(axes, parts, strict=True):
+        points = [(h["step"], h[part]) for h in history if part in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], color="#4c72b0", lw=1.2)
+        ax.set_title("total (weighted)" if part == "loss" else part, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def perplexity_png(perplexity: Mapping, sources: Mapping) -> bytes:
+    """Grouped bars: perplexity of the three stages, overall and for each source."""
+    from matplotlib.figure import Figure
+
+    stages = [s for s in STAGES if s in perplexity]
+    groups = {"all": perplexity, **sources}
+    fig = Figure(figsize=(1.8 + 1.6 * len(groups), 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(len(stages), 1)
+    for i, stage in enumerate(stages):
+        xs = [g + (i - (len(stages) - 1) / 2) * width for g in range(len(groups))]
+        ys = [(numbers.get(stage) or {}).get("ppl", float("nan")) for numbers in groups.values()]
+        bars = ax.bar(xs, ys, width, label=stage, color=_STAGE_COLORS[stage])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(groups)), [g.removeprefix("RedPajama") for g in groups], fontsize=8)
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def quality_latency_png(report: Mapping) -> bytes:
+    """Perplexity against decode speedup for each evaluated model, and the searched plans."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    ppl = report.get("perplexity") or {}
+    latency = report.get("latency") or {}
+    speedup = {name: s.get("decode") for name, s in (latency.get("speedup") or {}).items()}
+    ideal = (report.get("plan") or {}).get("ideal_speedup")
+    points = {"original": 1.0}
+    if "recovered" in speedup:  # the parallelized model is the same network, before training
+        points |= {"parallelized": speedup["recovered"], "recovered": speedup["recovered"]}
+    for stage, x in points.items():
+        if stage in ppl:
+            ax.scatter(
+                [x], [ppl[stage]["ppl"]], s=60, color=_STAGE_COLORS[stage], label=f"{stage} (measured)"
+            )
+    if ideal and "recovered" in ppl:
+        ax.scatter(
+            [ideal],
+            [ppl["recovered"]["ppl"]],
+            marker="*",
+            s=120,
+            color=_STAGE_COLORS["recovered"],
+            edgecolor="black",
+            label="recovered at L / L_eff",
+        )
+    searched = report.get("plan_search") or []
+    if searched:
+        ax.scatter(
+            [p["speedup"] for p in searched],
+            [p["ppl"] for p in searched],
+            marker="x",
+            color="gray",
+            label="searched plans (estimated speedup, calibration ppl)",
+        )
+    ax.set_xlabel("decode speedup over the original (×)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+
+def write_report(
+    report: Mapping,
+    out_dir: str | os.PathLike,
+    *,
+    similarity=None,
+    history: Sequence[Mapping] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``report.json``, ``report.md`` and the plots into ``out_dir``; returns the folder.
+
+    ``similarity``: the original model's layer-input similarity matrix (L, L), drawn with the groups;
+    ``history``: training metrics, one mapping per step with ``"step"`` and each loss part. The folder is
+    written beside the target and renamed into place; an existing non-empty ``out_dir`` is refused
+    unless ``overwrite``.
+    """
+    from cqil.export import staged_folder
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    report = dict(report)
+    pngs: dict[str, bytes] = {}
+    groups = (report.get("plan") or {}).get("groups") or []
+    if similarity is not None:
+        pngs["similarity.png"] = similarity_png(similarity, groups)
+    if history:
+        pngs["losses.png"] = losses_png(history)
+    if report.get("perplexity"):
+        pngs["perplexity.png"] = perplexity_png(
+            report["perplexity"], report.get("perplexity_by_source") or {}
+        )
+    if report.get("perplexity") and (report.get("latency") or report.get("plan_search")):
+        pngs["quality_latency.png"] = quality_latency_png(report)
+    report["plots"] = list(pngs)
+    with staged_folder(out, model=False) as staging:
+        for name, data in pngs.items():
+            (staging / name).write_bytes(data)
+        (staging / "report.json").write_text(
+            json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8"
+        )
+        (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    return out
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """Per-step training metrics from a ``metrics.jsonl``; a step logged twice (a resumed run) keeps its last entry."""
+    steps: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                steps[int(entry["step"])] = entry
+    return [steps[s] for s in sorted(steps)]

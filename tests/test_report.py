@@ -1,0 +1,386 @@
+"""Evaluation beyond perplexity and the report: per-source perplexity, lm-eval on in-memory models,
+latency, the report folder, ``cqil.evaluate`` / ``cqil evaluate`` and their bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, make_model
+from tiny_text import SENTENCES, SOURCES, make_tokenizer, write_corpus, write_task
+
+import cqil
+from cqil.cli import main as cli_main
+from cqil.data import heldout_blocks
+from cqil.evaluation import (
+    LOCAL_TASKS,
+    UnknownTaskError,
+    evaluate,
+    lm_eval_tasks,
+    measure_latency,
+    perplexity,
+    task_manager,
+)
+from cqil.export import export_model, load_export
+from cqil.report import gap_closed, headline, read_history, write_report
+
+PLAN = "2-6:2"
+
+
+# ---------------------------------------------------------------------------------------------- perplexity
+def test_per_source_perplexity_splits_the_same_tokens():
+    model = make_model("llama")
+    tokens = torch.randint(0, VOCAB, (6, 9), generator=torch.Generator().manual_seed(0))
+    sources = ["a", "b", "a", "c", "b", "a"]
+    result = perplexity(model, tokens, sources=sources, batch_size=4, progress=False)
+    assert list(result["by_source"]) == ["a", "b", "c"]
+    for name, part in result["by_source"].items():
+        rows = [i for i, s in enumerate(sources) if s == name]
+        alone = perplexity(model, tokens[rows], batch_size=4, progress=False)
+        assert part["tokens"] == alone["tokens"] == len(rows) * 8
+        assert part["nll"] == pytest.approx(alone["nll"], rel=1e-6)
+    weighted = sum(p["nll"] * p["tokens"] for p in result["by_source"].values()) / result["tokens"]
+    assert weighted == pytest.approx(result["nll"], rel=1e-9)
+    with pytest.raises(ValueError, match="5 source names for 6 sequences"):
+        perplexity(model, tokens, sources=sources[:5], progress=False)
+
+
+def test_heldout_blocks_draw_each_source_on_its_own(tmp_path):
+    tokenizer = make_tokenizer()
+    corpus = write_corpus(tmp_path / "eval.jsonl.gz", repeats=10)
+    tokens, sources = heldout_blocks(
+        tokenizer, [], [corpus], seq_len=8, num_sequences=6, heldout_fraction=0.5
+    )
+    assert sources == ["RedPajamaBook"] * 2 + ["RedPajamaWikipedia"] * 2 + ["RedPajamaGithub"] * 2
+    vocab = {
+        s: set(" ".join(t for t, src in zip(SENTENCES, SOURCES, strict=True) if src == s).split())
+        for s in SOURCES
+    }
+    for row, source in zip(tokens, sources, strict=True):
+        words = set(tokenizer.decode(row).replace("</s>", " ").split())
+        assert words <= vocab[source], (source, words - vocab[source])  # one source per block
+
+
+def test_heldout_blocks_warn_about_a_short_source_and_fail_without_text(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    lines = [
+        {
+            "text": "in the beginning god created the heaven and the earth " * 8,
+            "meta": {"redpajama_set_name": "A"},
+        }
+    ]
+    lines += [{"text": "the river flows", "meta": {"redpajama_set_name": "B"}}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.warns(UserWarning, match="source 'B'"):
+        tokens, sources = heldout_blocks(
+            make_tokenizer(), [], [path], seq_len=8, num_sequences=4, heldout_fraction=0.5
+        )
+    assert sources == ["A", "A"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"title": "no text here"}) + "\n")
+    with pytest.raises(ValueError, match="empty.jsonl"):
+        heldout_blocks(make_tokenizer(), [], [empty], seq_len=8, num_sequences=4, heldout_fraction=0.5)
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+def _choice_logprob(model, tokenizer, context: str, choice: str) -> float:
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def test_lm_eval_runs_on_the_in_memory_model_and_agrees_with_a_direct_computation(tmp_path):
+    model, tokenizer = make_model("llama").eval(), make_tokenizer()
+    docs = write_task(tmp_path / "tasks")
+    results = lm_eval_tasks(model, tokenizer, ["tiny_choice"], paths=[tmp_path / "tasks"], batch_size=4)
+    expected = sum(
+        max(range(3), key=lambda c: _choice_logprob(model, tokenizer, d["context"], d["choices"][c]))
+        == d["label"]
+        for d in docs
+    ) / len(docs)
+    assert set(results) == {"tiny_choice"}
+    assert results["tiny_choice"]["acc"] == pytest.approx(expected)
+
+
+def test_the_shipped_local_tasks_are_known_offline():
+    manager = task_manager()
+    assert {"cqil_next_sentence", "cqil_last_word", "cqil_next_line"} <= set(manager.all_tasks)
+    for name in ("cqil_next_sentence", "cqil_last_word", "cqil_next_line"):
+        rows = (LOCAL_TASKS / f"{name}.jsonl").read_text().splitlines()
+        assert len(rows) == 200 and all(json.loads(r)["context"] for r in rows)
+
+
+def test_an_unknown_task_is_named(tmp_path):
+    with pytest.raises(UnknownTaskError, match="'hellaswagg'"):
+        lm_eval_tasks(make_model("llama"), make_tokenizer(), ["hellaswagg"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        task_manager([tmp_path / "nowhere"])
+
+
+# ---------------------------------------------------------------------------------------------- latency
+def test_latency_times_every_model_against_the_baseline():
+    original = make_model("llama")
+    parallel = cqil.parallelize(copy.deepcopy(original), cqil.GroupPlan.parse(PLAN, 8))
+    out = measure_latency(
+        {"original": original, "recovered": parallel}, prefill_len=16, new_tokens=4, reps=2, progress=False
+    )
+    assert out["baseline"] == "original" and out["device"].startswith("CPU")
+    assert set(out["models"]) == {"original", "recovered"} and set(out["speedup"]) == {"recovered"}
+    for numbers in out["models"].values():
+        assert numbers["prefill_tokens_per_s"] == pytest.approx(16 / numbers["prefill_ms"] * 1e3, rel=1e-2)
+        assert numbers["decode_tokens_per_s"] > 0
+    assert all(v > 0 for v in out["speedup"]["recovered"].values())
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _report(**extra) -> dict:
+    ppl = {
+        s: {"ppl": p, "nll": math.log(p), "tokens": 120}
+        for s, p in (("original", 10.0), ("parallelized", 20.0), ("recovered", 12.0))
+    }
+    return {
+        "schema_version": 1,
+        "base_model": "tiny",
+        "plan": {
+            "spec": PLAN,
+            "groups": [[2, 3], [4, 5]],
+            "num_layers": 8,
+            "num_layers_after": 6,
+            "ideal_speedup": 1.3333,
+            "mode": "parallel",
+            "bypass": "lp",
+            "gates": "learned",
+            "form": "merged",
+        },
+        "perplexity": ppl,
+        "perplexity_by_source": {"A": {s: dict(v, tokens=60) for s, v in ppl.items()}},
+        "gap_closed": gap_closed(ppl),
+        "latency": {
+            "device": "CPU x",
+            "prefill_len": 16,
+            "new_tokens": 4,
+            "reps": 1,
+            "baseline": "original",
+            "models": {
+                "original": {
+                    "prefill_ms": 2.0,
+                    "prefill_tokens_per_s": 8000.0,
+                    "decode_ms_per_token": 1.0,
+                    "decode_tokens_per_s": 1000.0,
+                },
+                "recovered": {
+                    "prefill_ms": 1.6,
+                    "prefill_tokens_per_s": 10000.0,
+                    "decode_ms_per_token": 0.8,
+                    "decode_tokens_per_s": 1250.0,
+                },
+            },
+            "speedup": {"recovered": {"prefill": 1.25, "decode": 1.25}},
+            "ideal": 1.3333,
+        },
+        "lm_eval": {"original": {"t": {"acc": 0.5}}, "recovered": {"t": {"acc": 0.4}}},
+        **extra,
+    }
+
+
+def test_gap_closed_and_headline():
+    assert gap_closed(_report()["perplexity"]) == pytest.approx(0.8)
+    assert headline(_report()) == "80.0 % of the perplexity gap closed, 1.25× faster decode"
+    nothing_lost = {s: {"ppl": 10.0} for s in ("original", "parallelized", "recovered")}
+    assert gap_closed(nothing_lost) is None
+
+
+def test_write_report_writes_json_markdown_and_plots(tmp_path):
+    history = [{"step": s, "loss": 1.0 / s, "kd": 0.5 / s} for s in range(1, 6)]
+    out = write_report(_report(), tmp_path / "report", similarity=torch.eye(8), history=history)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["plots"] == ["similarity.png", "losses.png", "perplexity.png", "quality_latency.png"]
+    for name in saved["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode.**" in md
+    assert "| A (60 tokens) | 10.000 | 20.000 | 12.000 |" in md and "![losses](losses.png)" in md
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_report(_report(), out)
+    write_report(_report(gap_closed=None), out, overwrite=True)
+    assert "gap closed" not in (out / "report.md").read_text()
+
+
+def test_a_failed_report_leaves_nothing_behind(tmp_path, monkeypatch):
+    import cqil.report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(cqil.report, "perplexity_png", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        write_report(_report(), tmp_path / "report")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_history_keeps_the_last_entry_of_a_repeated_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "loss": 2.5},
+        {"step": 3, "loss": 1.0},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["loss"] for r in read_history(path)] == [3.0, 2.5, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(export folder, original folder, eval text, the recovered model in memory)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    original = make_model("llama")
+    original.save_pretrained(root / "original")
+    make_tokenizer().save_pretrained(root / "original")
+    recovered = cqil.parallelize(copy.deepcopy(original), cqil.GroupPlan.parse(PLAN, 8))
+    with torch.no_grad():  # "trained": gates and weights moved away from the rewrite's start
+        for p in cqil.trainable_parameters(recovered).values():
+            p.add_(0.01 * torch.randn_like(p))
+    export_model(recovered, root / "model", tokenizer=make_tokenizer())
+    write_corpus(root / "heldout.jsonl.gz", repeats=10)
+    write_task(root / "tasks")
+    return root, recovered
+
+
+def test_evaluate_measures_the_three_stages_on_the_same_tokens(exported, tmp_path):
+    root, recovered = exported
+    report = evaluate(
+        root / "model",
+        original=root / "original",
+        data=root / "heldout.jsonl.gz",
+        seq_len=8,
+        num_sequences=6,
+        tasks=["tiny_choice"],
+        task_paths=[root / "tasks"],
+        latency_reps=1,
+        out_dir=tmp_path / "report",
+        progress=False,
+    )
+    tokenizer = make_tokenizer()
+    tokens, sources = heldout_blocks(
+        tokenizer, [], [root / "heldout.jsonl.gz"], seq_len=8, num_sequences=6, heldout_fraction=0.5
+    )
+    original = load_export  # keep the name space tidy below
+    original = cqil.load_model(str(root / "original"))[0]
+    rewritten = cqil.parallelize(copy.deepcopy(original), cqil.GroupPlan.parse(PLAN, 8))
+    for stage, model in (("original", original), ("parallelized", rewritten), ("recovered", recovered)):
+        expected = perplexity(model, tokens, sources=sources, progress=False)
+        assert report["perplexity"][stage]["nll"] == pytest.approx(expected["nll"], rel=1e-5), stage
+        assert report["perplexity_by_source"]["RedPajamaGithub"][stage]["nll"] == pytest.approx(
+            expected["by_source"]["RedPajamaGithub"]["nll"], rel=1e-5
+        )
+    assert set(report["lm_eval"]) == {"original", "parallelized", "recovered"}
+    assert report["latency"]["ideal"] == pytest.approx(8 / 6, rel=1e-3)
+    assert (tmp_path / "report" / "report.md").is_file() and (
+        tmp_path / "report" / "similarity.png"
+    ).is_file()
+
+
+def run_cli(*argv) -> int:
+    return cli_main([str(a) for a in argv])
+
+
+def test_cli_evaluate_writes_the_report(exported, tmp_path, capsys):
+    root, _ = exported
+    assert (
+        run_cli(
+            "evaluate",
+            root / "model",
+            "--data",
+            root / "heldout.jsonl.gz",
+            "--seq-len",
+            8,
+            "--num-sequences",
+            3,
+            "--no-latency",
+            "--out",
+            tmp_path / "r",
+        )
+        == 0
+    )
+    assert "recovered perplexity" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert set(report["perplexity"]) == {"recovered"} and "latency" not in report
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("not_export", "config.json"),
+        ("no_text", "empty.jsonl"),
+        ("unknown_task", "'nope'"),
+        ("out_exists", "not empty"),
+        ("missing_data", "no such file"),
+    ],
+)
+def test_cli_evaluate_bad_input_is_one_line_and_writes_nothing(case, match, exported, tmp_path, capsys):
+    root, _ = exported
+    out = tmp_path / "out"
+    model, data, extra = root / "model", root / "heldout.jsonl.gz", []
+    if case == "not_export":
+        model = root / "original"  # a plain checkpoint, not a cqil export
+    elif case == "no_text":
+        data = tmp_path / "empty.jsonl"
+        data.write_text(json.dumps({"meta": {}}) + "\n")
+    elif case == "unknown_task":
+        extra = ["--tasks", "nope"]
+    elif case == "out_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "missing_data":
+        data = tmp_path / "missing.jsonl"
+    code = run_cli(
+        "evaluate",
+        model,
+        "--data",
+        data,
+        "--seq-len",
+        8,
+        "--num-sequences",
+        2,
+        "--no-latency",
+        "--out",
+        out,
+        *extra,
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and err.startswith("cqil: error:") and match in err, err
+    if case == "out_exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_update_model_card_embeds_the_report(exported, tmp_path):
+    import shutil
+
+    from cqil.export import update_model_card
+
+    root, recovered = exported
+    folder = tmp_path / "model"
+    shutil.copytree(root / "model", folder)
+    report_dir = write_report(_report(), tmp_path / "report", history=[{"step": 1, "loss": 1.0}])
+    update_model_card(folder, report_dir / "report.json")
+    card = (folder / "README.md").read_text()
+    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode.**" in card
+    assert "![losses](plots/losses.png)" in card and (folder / "plots" / "losses.png").is_file()
+    assert "model-index" in card
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the weights were not touched
+        torch.testing.assert_close(
+            load_export(folder)(ids).logits, recovered(ids).logits, rtol=1e-5, atol=1e-5
+        )
