@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from cqil.data import TokenStream, heldout_blocks, in_heldout, iter_records, pack_tokens
-from cqil.losses import hidden_loss, kd_loss, lm_loss
+from cqil.losses import head_losses, hidden_loss, kd_loss, lm_loss
 from cqil.plan import GroupPlan
 from cqil.recipe import Recipe, RecipeError, recipe_to_dict
 from cqil.surgery import parallel_groups, parallelize, trainable_parameters
@@ -78,6 +78,10 @@ class RecoveryModel(nn.Module):
     ``teacher_layers`` maps an original layer index to a frozen copy of that original layer, for
     every layer inside a group (made before the transform). Everything else the teacher runs is the
     student's own, frozen, modules.
+
+    ``forward`` returns ``"loss"`` (the weighted sum, the one to backpropagate) and each weighted term.
+    With a frozen plain LM head the KD and LM terms come from :func:`cqil.losses.head_losses`, which never
+    holds the batch's logits; they are then values only, without a gradient of their own.
     """
 
     def __init__(
@@ -131,6 +135,11 @@ class RecoveryModel(nn.Module):
         )
         # With LoRA on layers outside the groups, the prefix differs between student and teacher.
         self.adapters_outside_groups = False
+        # The KD / LM losses straight from the final hidden states, a chunk of tokens at a time
+        # (cqil.losses.head_losses); False computes them from the whole batch's logits, the reference.
+        self.fused_head_losses = True
+        # Tokens per chunk of the fused losses: bounds the (tokens, vocab) float32 buffers alive at once.
+        self.loss_chunk_tokens = 128
 
     # -------------------------------------------------------------- pieces
     def _masks(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> dict:
@@ -160,8 +169,22 @@ class RecoveryModel(nn.Module):
         out = layer(h, attention_mask=mask, use_cache=False, **ctx)
         return out[0] if isinstance(out, tuple) else out
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.student.lm_head(self.student.model.norm(h))
+    def _head_is_fusable(self) -> bool:
+        """Whether the losses can read the LM head's weight directly (:func:`cqil.losses.head_losses`).
+
+        Only a frozen plain ``nn.Linear`` with no hooks: DeepSpeed ZeRO-3 and accelerate's offload
+        gather or move the weight in hooks around the module's own forward, and a trained head needs
+        its weight gradient, which the fused losses do not compute.
+        """
+        head = self.student.lm_head
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        return (
+            type(head) is nn.Linear
+            and not any(p.requires_grad or hasattr(p, "ds_id") for p in params)
+            and not head._forward_hooks
+            and not head._forward_pre_hooks
+            and not hasattr(head, "_hf_hook")
+        )
 
     # -------------------------------------------------------------- forward
     def forward(self, input_ids: torch.LongTensor, *, return_logits: bool = False) -> dict:
@@ -187,26 +210,58 @@ class RecoveryModel(nn.Module):
             h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
             if self.is_group[e]:
                 student_states.append(h)
-        logits = self._head(h)
+        h = inner.norm(h)
 
-        out: dict[str, torch.Tensor] = {}
-        teacher_logits = None
+        teacher_h = None
+        teacher_states: list[torch.Tensor] = []
         if self.needs_teacher:
-            teacher_logits, teacher_states = self.teacher_forward(embeds, shared, masks, ctx)
-            if self.weights["kd"]:
+            teacher_h, teacher_states = self.teacher_forward(embeds, shared, masks, ctx)
+        out: dict[str, torch.Tensor] = {}
+        w = self.weights
+        logits = teacher_logits = None
+        wants_logits = bool(w["kd"] or w["lm"])
+        if wants_logits and self.fused_head_losses and not return_logits and self._head_is_fusable():
+            # The logits of both models never exist for the whole batch at once (most of a step's memory
+            # beside the weights and optimizer state otherwise; see cqil.losses.head_losses).
+            fused = head_losses(
+                h,
+                teacher_h,
+                self.student.lm_head,
+                input_ids,
+                kd=w["kd"],
+                lm=w["lm"],
+                kd_temperature=self.kd_temperature,
+                chunk_tokens=self.loss_chunk_tokens,
+            )
+            loss = fused.pop("loss")
+            out |= fused
+        else:
+            loss = 0.0
+            if wants_logits or return_logits:
+                logits = self.student.lm_head(h)
+            if w["kd"]:
+                with torch.no_grad():
+                    teacher_logits = self.student.lm_head(teacher_h)
                 out["kd"] = kd_loss(logits, teacher_logits, self.kd_temperature)
-            if self.weights["hidden"]:
-                out["hidden"] = hidden_loss(student_states, teacher_states)
-        if self.weights["lm"]:
-            out["lm"] = lm_loss(logits, input_ids)
-        out["loss"] = sum(self.weights[name] * value for name, value in out.items())
+                loss = loss + w["kd"] * out["kd"]
+            if w["lm"]:
+                out["lm"] = lm_loss(logits, input_ids)
+                loss = loss + w["lm"] * out["lm"]
+        if w["hidden"]:
+            out["hidden"] = hidden_loss(student_states, teacher_states)
+            loss = loss + w["hidden"] * out["hidden"]
+        out["loss"] = loss
         if return_logits:
+            if teacher_logits is None and teacher_h is not None:
+                with torch.no_grad():
+                    teacher_logits = self.student.lm_head(teacher_h)
             out["logits"], out["teacher_logits"] = logits, teacher_logits
         return out
 
     @torch.no_grad()
     def teacher_forward(self, embeds, shared, masks, ctx):
-        """The original model's path from the shared prefix on: (logits, states at group outputs)."""
+        """The original model's path from the shared prefix on: (final normed hidden states, states at
+        group outputs)."""
         layers = self.student.model.layers
         with self._adapters_disabled():
             h = shared.detach()
@@ -222,7 +277,7 @@ class RecoveryModel(nn.Module):
                 for i in self.effective[e]:
                     h = self._run(self.teacher_layers[str(i)], h, masks[self._teacher_type(i)], ctx)
                 states.append(h)
-            return self._head(h), states
+            return self.student.model.norm(h), states
 
     @contextlib.contextmanager
     def _adapters_disabled(self):

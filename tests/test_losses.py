@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cqil.losses import hidden_loss, kd_loss, lm_loss
+from cqil.losses import head_losses, hidden_loss, kd_loss, lm_loss
 
 
 def test_lm_loss_is_next_token_cross_entropy():
@@ -39,3 +39,48 @@ def test_hidden_loss_is_mean_mse_over_boundaries():
     assert hidden_loss(a, b).item() == pytest.approx(0.5)
     with pytest.raises(ValueError):
         hidden_loss(a, b[:1])
+
+
+@pytest.mark.parametrize(
+    ("kd", "lm", "temperature", "chunk"), [(1.0, 0.0, 1.0, 4), (0.0, 1.0, 1.0, 64), (0.7, 0.3, 2.0, 3)]
+)
+def test_head_losses_equal_the_losses_of_whole_batch_logits(kd, lm, temperature, chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=True).requires_grad_(False)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    teacher = torch.randn(2, 5, 8)
+    ids = torch.randint(0, 13, (2, 5))
+    logits = head(hidden)
+    expected = {}
+    if kd:
+        expected["kd"] = kd_loss(logits, head(teacher), temperature)
+    if lm:
+        expected["lm"] = lm_loss(logits, ids)
+    expected["loss"] = kd * expected.get("kd", 0) + lm * expected.get("lm", 0)
+    (expected_grad,) = torch.autograd.grad(expected["loss"], hidden)
+
+    got = head_losses(
+        hidden, teacher, head, ids, kd=kd, lm=lm, kd_temperature=temperature, chunk_tokens=chunk
+    )
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name].detach())
+    (grad,) = torch.autograd.grad(3.0 * got["loss"], hidden)  # the upstream gradient scales it
+    torch.testing.assert_close(grad, 3.0 * expected_grad)
+    assert all(not value.requires_grad for name, value in got.items() if name != "loss")
+
+
+def test_head_losses_keep_the_dtype_and_refuse_a_trained_head():
+    head = torch.nn.Linear(8, 13, bias=False).bfloat16().requires_grad_(False)
+    hidden = torch.randn(1, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    out = head_losses(
+        hidden, torch.randn(1, 4, 8, dtype=torch.bfloat16), head, torch.zeros(1, 4, dtype=torch.long)
+    )
+    assert out["loss"].dtype == torch.float32 and math.isfinite(out["loss"].item())
+    out["loss"].backward()
+    assert hidden.grad.dtype == torch.bfloat16
+    head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen head"):
+        head_losses(hidden, hidden, head, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="teacher's hidden states"):
+        head_losses(hidden, None, head.requires_grad_(False), torch.zeros(1, 4, dtype=torch.long))
