@@ -1117,21 +1117,26 @@ class RecoveryTrainer:
         return out
 
     def _load_exported(self, folder: Path) -> nn.Module:
+        """The export as users load it, on this (the main) process alone, even under ZeRO-3."""
+        from cqil.export import _without_zero3_init, load_export
+
         device, dtype = self.accelerator.device, self.recipe.model.dtype
-        if self.recipe.parallelize.mode == "coalesce":  # a plain checkpoint of the base architecture
-            from transformers import AutoModelForCausalLM
+        with _without_zero3_init():  # ZeRO-3's init would wait for the ranks that have exited
+            if self.recipe.parallelize.mode == "coalesce":  # a plain checkpoint of the base architecture
+                from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-        from cqil.export import load_export
-
-        return load_export(folder, dtype=dtype, device=device)
+                return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+            return load_export(folder, dtype=dtype, device=device)
 
     def _latency(self, recovered: nn.Module) -> dict:
         """Prefill and decode speed of the original (reloaded) and the recovered model, side by side."""
         from cqil.evaluation import measure_latency
 
         e = self.recipe.eval
-        original, _ = self._load_model()
+        from cqil.export import _without_zero3_init
+
+        with _without_zero3_init():
+            original, _ = self._load_model()
         original.to(self.accelerator.device)
         latency = measure_latency(
             {"original": original, "recovered": recovered},
