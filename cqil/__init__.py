@@ -27,6 +27,7 @@ _EXPORTS = {
     "search_plan": "cqil.search",
     "evaluate": "cqil.evaluation",
     "write_report": "cqil.report",
+    "shard_model": "cqil.concurrent",
 }
 
 __all__ = [
@@ -43,12 +44,14 @@ __all__ = [
     "parallelize",
     "push_to_hub",
     "search_plan",
+    "shard_model",
     "trainable_parameters",
     "write_report",
 ]
 
 if TYPE_CHECKING:
     from cqil.coalescing import coalesce, decoalesce, interpolate
+    from cqil.concurrent import shard_model
     from cqil.evaluation import evaluate
     from cqil.export import export_model, load_export, push_to_hub
     from cqil.plan import GroupPlan

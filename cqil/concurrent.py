@@ -1,0 +1,609 @@
+"""Run a parallelized model's groups concurrently: rank r computes branch r of every group.
+
+A parallelized model (from :func:`cqil.parallelize` or :func:`cqil.load_export`) is *sharded* over the
+N ranks of a ``torch.distributed`` process group: in every group of P branches, rank r < P keeps only
+branch r (its attention heads, its MLP and the keys and values of its own heads); ranks r >= P hold
+nothing of that group and add zeros to its sums. Everything else (embeddings, ungrouped layers,
+single-layer groups, final norm, LM head) is replicated and computed by every rank, so every rank
+ends a forward with the same logits and greedy decoding runs in lockstep without broadcasting
+tokens. A group needs P <= N.
+
+What a group exchanges follows the math of a group (DESIGN.md), for branch j on rank j::
+
+    a_j = A_j(N_j(x))
+    u_j = x + a_j + sum_{k != j} G[j,k] a_k
+    y   = x + sum_k a_k + sum_k m_k,    m_j = M_j(N'_j(u_j))
+
+* ``lp`` with every gate at 1 (fixed gates, or learned ones still at 1): every MLP reads
+  u = x + sum_k a_k, so one all-reduce after the attentions and one after the MLPs;
+* ``lp`` with other gate values: an all-gather of the attention outputs (each rank mixes them
+  with its own row of G), then one all-reduce after the MLPs;
+* ``none``: u_j = x + a_j is local, so a single all-reduce of a_j + m_j per group;
+* ``cqil`` with distance d: rank k sends a_k to the d ranks after it, which is all the gates read,
+  then one all-reduce of a_j + m_j.
+
+The collectives go through :class:`Communicator`: ``torch.distributed`` (gloo on CPU, NCCL on GPU)
+or, for CPU ranks on one x86-64 host, :class:`SharedMemoryCommunicator`, which moves the few
+kilobytes a decode step exchanges through shared memory in microseconds where gloo's sockets take
+a fraction of a millisecond. Either way every rank receives the same sums, bit for bit, so the
+replicated layers after a group compute the same thing on every rank. On one host the replicated
+weights are also mapped from one shared copy (:func:`share_weights`).
+
+Sharding freezes the gates at their current values: this runtime is for inference.
+
+    torchrun --nproc_per_node 2 -m cqil.serve --model EXPORT_DIR --prompt "..." --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+import zlib
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from cqil.group import (
+    BranchGroup,
+    MergedGroup,
+    ParallelGroup,
+    apply_rotary,
+    bypass_mask,
+    eager_attention,
+    sum_branches,
+)
+
+TRANSPORTS = ("auto", "torch", "shm")
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+# ---------------------------------------------------------------------------------------------- comm
+
+
+class Communicator:
+    """The collectives a sharded group needs, over a ``torch.distributed`` process group.
+
+    ``all_reduce_`` sums in place; ``all_gather`` returns every rank's tensor stacked in rank order;
+    ``exchange`` sends a tensor to ``destinations`` and returns those of ``sources`` by rank. Every
+    rank calls every collective in the same order (``exchange`` too, with empty lists where it has
+    nothing to send or receive), with tensors of the same shape.
+    """
+
+    transport = "torch"
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call init_distributed() first")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.new_empty((self.world_size, *tensor.shape))
+        dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=self.group)
+        return out
+
+    def exchange(self, tensor: torch.Tensor, sources, destinations) -> dict[int, torch.Tensor]:
+        tensor = tensor.contiguous()
+        received = {k: torch.empty_like(tensor) for k in sources}
+        ops = [dist.P2POp(dist.isend, tensor, self._global(k), self.group) for k in destinations]
+        ops += [dist.P2POp(dist.irecv, buf, self._global(k), self.group) for k, buf in received.items()]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return received
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+
+class SharedMemoryCommunicator(Communicator):
+    """:class:`Communicator` whose collectives move data through shared memory (CPU ranks, one host).
+
+    Every rank owns a slot per parity in one shared file; a collective writes the rank's tensor into
+    its slot, publishes the call's sequence number in the rank's flag, and waits until every rank has
+    published it, after which all slots of that call are readable. Two parities make the wait of
+    call s+1 prove that every rank has finished reading call s before its slot is written again.
+    The sums add the slots in rank order, so every rank computes bit-identical results.
+
+    Sequencing relies on x86-64 ordering every store (the data before the flag); other machines use
+    the plain :class:`Communicator`. The process group is used only to set up and grow the buffer.
+    """
+
+    transport = "shm"
+    _FLAG_STRIDE = 8  # one 64-byte cache line per rank's flag
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        capacity_bytes: int = 1 << 20,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(group)
+        if not shared_memory_usable(group):
+            raise RuntimeError("shared-memory collectives need CPU ranks on one x86-64 host")
+        self.timeout_s = timeout.total_seconds()
+        self.capacity = 0
+        self._map(max(int(capacity_bytes), 1 << 12))
+
+    def _map(self, capacity: int) -> None:
+        """(Re)create the shared buffer with ``capacity`` bytes per slot; collective."""
+        capacity = -(-capacity // 64) * 64
+        flags_bytes = self.world_size * self._FLAG_STRIDE * 8
+        raw = map_shared(self, flags_bytes + 2 * self.world_size * capacity)
+        self._flags = raw[:flags_bytes].view(torch.int64).numpy()  # numpy reads skip torch's dispatch
+        self._slots = raw[flags_bytes:].view(2, self.world_size, capacity)
+        self.capacity = capacity
+        self._step = 0
+
+    def _publish(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Write ``tensor`` into this rank's slot, wait for every rank; return the call's slots as bytes."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > self.capacity:  # every rank sees the same shape, so all grow together
+            self._map(max(nbytes, 2 * self.capacity))
+        self._step += 1
+        slots = self._slots[self._step % 2, :, :nbytes]
+        slots[self.rank].view(tensor.dtype).copy_(tensor.reshape(-1))
+        self._flags[self.rank * self._FLAG_STRIDE] = self._step
+        self._wait_all(self._step)
+        return slots
+
+    def _wait_all(self, step: int) -> None:
+        flags, stride = self._flags, self._FLAG_STRIDE
+        deadline = None
+        for k in range(self.world_size):
+            spins = 0
+            while flags[k * stride] < step:
+                spins += 1
+                if spins % 256 == 0:
+                    # Give the core away: on a busy machine the rank being waited for may need it.
+                    os.sched_yield()
+                    if spins % (1 << 16) == 0:
+                        now = time.monotonic()
+                        deadline = deadline or now + self.timeout_s
+                        if now > deadline:
+                            raise TimeoutError(
+                                f"rank {self.rank} waited more than {self.timeout_s:.0f} s for rank {k} "
+                                f"at collective {step}"
+                            )
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = self._publish(tensor).view(tensor.dtype)
+        out = tensor.view(-1) if tensor.is_contiguous() else torch.empty_like(tensor).view(-1)
+        if self.world_size == 1:
+            out.copy_(parts[0])
+        else:
+            torch.add(parts[0], parts[1], out=out)
+        for k in range(2, self.world_size):
+            out.add_(parts[k])
+        if out.data_ptr() != tensor.data_ptr():
+            tensor.copy_(out.view(tensor.shape))
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = self._publish(tensor).view(tensor.dtype)
+        return parts.reshape(self.world_size, *tensor.shape).clone()
+
+    def exchange(self, tensor: torch.Tensor, sources, destinations) -> dict[int, torch.Tensor]:
+        # Every rank publishes (a barrier of one flag per rank); only the sources' slots are read.
+        parts = self._publish(tensor).view(tensor.dtype)
+        return {k: parts[k].view(tensor.shape).clone() for k in sources}
+
+    def barrier(self) -> None:
+        self._step += 1
+        self._flags[self.rank * self._FLAG_STRIDE] = self._step
+        self._wait_all(self._step)
+
+
+def shared_memory_usable(group: dist.ProcessGroup | None = None) -> bool:
+    """Whether every rank of ``group`` runs on this host, on CPU tensors, on x86-64; collective."""
+    if dist.get_backend(group) != "gloo" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not os.path.isdir("/dev/shm"):
+        return False
+    boot_id = ""
+    if os.path.isfile("/proc/sys/kernel/random/boot_id"):
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot_id = f.read().strip()
+    host = zlib.crc32(f"{socket.gethostname()}/{boot_id}".encode())
+    mine = torch.tensor([host], dtype=torch.int64)
+    hosts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(hosts, mine, group=group)
+    return all(int(h) == host for h in hosts)
+
+
+def map_shared(comm: Communicator, nbytes: int, write=None) -> torch.Tensor:
+    """``nbytes`` of memory that every rank of ``comm`` maps from one file, as a uint8 tensor; collective.
+
+    ``write(buffer)`` fills it on rank 0 before any other rank returns. The file is unlinked once all
+    ranks have mapped it, so nothing is left behind when they exit.
+    """
+    shm = os.statvfs("/dev/shm")
+    if shm.f_bavail * shm.f_frsize < nbytes:  # tmpfs allocates on write: running out would be a SIGBUS
+        raise RuntimeError(f"/dev/shm has less than the {nbytes / 2**20:.0f} MiB free that the ranks share")
+    nonce = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64)
+    dist.broadcast(nonce, src=comm._global(0), group=comm.group)
+    path = f"/dev/shm/cqil-{nonce.item():x}"
+    if comm.rank == 0:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+    dist.barrier(group=comm.group)
+    raw = torch.empty(0, dtype=torch.uint8).set_(
+        torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
+    )
+    if comm.rank == 0 and write is not None:
+        write(raw)
+    dist.barrier(group=comm.group)
+    if comm.rank == 0:
+        os.unlink(path)  # the mappings stay
+    return raw
+
+
+@torch.no_grad()
+def share_weights(params: list[nn.Parameter], comm: Communicator) -> int:
+    """Make ``params`` one copy in memory shared by every rank on this host, rank 0's; return its bytes.
+
+    Every rank must pass parameters of the same shapes and dtypes in the same order and hold the same
+    values (they load the same model). Ranks that compute the same layers at the same time then read
+    the same cache lines instead of each streaming its own copy through the memory bus, which is what
+    limits a CPU's decode speed; private copies make two ranks as slow as one.
+    """
+    params = list({id(p): p for p in params}.values())  # tied weights once
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += -(-p.numel() * p.element_size() // 64) * 64
+    if total == 0:
+        return 0
+
+    def write(raw: torch.Tensor) -> None:
+        for p, start in zip(params, offsets, strict=True):
+            nbytes = p.numel() * p.element_size()
+            raw[start : start + nbytes].view(p.dtype).copy_(p.detach().reshape(-1))
+
+    raw = map_shared(comm, total, write)
+    for p, start in zip(params, offsets, strict=True):
+        p.data = raw[start : start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+    return total
+
+
+def make_communicator(
+    transport: str = "auto", group: dist.ProcessGroup | None = None, *, timeout: timedelta = DEFAULT_TIMEOUT
+) -> Communicator:
+    """A communicator: ``"torch"`` (``torch.distributed``), ``"shm"`` (shared memory) or ``"auto"``.
+
+    ``"auto"`` picks shared memory where every rank is a CPU process on this x86-64 host.
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}; got {transport!r}")
+    if transport == "shm" or (transport == "auto" and shared_memory_usable(group)):
+        return SharedMemoryCommunicator(group, timeout=timeout)
+    return Communicator(group)
+
+
+def init_distributed(device: torch.device | str = "cpu", *, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+    """Join the process group ``torchrun`` describes in the environment: NCCL for CUDA, gloo otherwise."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- shard
+
+
+def check_world_size(model: nn.Module, world_size: int) -> None:
+    """Raise ``ValueError`` if a group of ``model`` has more branches than there are ranks."""
+    if world_size < 1:
+        raise ValueError(f"world size must be at least 1, got {world_size}")
+    for group in _groups(model):
+        if group.degree > world_size:
+            raise ValueError(
+                f"group {list(group.original_indices)} has {group.degree} branches but there are only "
+                f"{world_size} ranks; run with at least {group.degree} ranks (one per branch)"
+            )
+
+
+def _groups(model: nn.Module) -> list[ParallelGroup]:
+    if getattr(model.config, "cqil", None) is None:
+        raise ValueError("model is not parallelized (config.cqil is missing): call cqil.parallelize first")
+    if (model.config.cqil or {}).get("folded"):
+        raise ValueError(
+            "this export is folded (every group one plain wide layer), so its branches are no longer "
+            "apart; export it without fold=True to run its groups concurrently"
+        )
+    if any(isinstance(layer, GroupShard) for layer in model.model.layers):
+        raise ValueError("model is already sharded")
+    return [layer for layer in model.model.layers if isinstance(layer, ParallelGroup)]
+
+
+@torch.no_grad()
+def shard_model(model: nn.Module, comm: Communicator, *, share_replicated: bool | None = None) -> nn.Module:
+    """Keep, in place, only this rank's branch of every group of ``model``; return ``model``.
+
+    Groups of more than one branch become :class:`GroupShard` modules; single-layer groups are plain
+    layers and stay replicated like the ungrouped ones. The model then runs its forward and
+    ``generate`` as before, on every rank at once, with the same results as the whole model.
+
+    ``share_replicated`` (default: with the shared-memory transport, i.e. CPU ranks on one host) maps
+    the replicated weights, everything outside the groups, from one copy in shared memory
+    (:func:`share_weights`).
+    """
+    _groups(model)
+    check_world_size(model, comm.world_size)
+    layers = model.model.layers
+    for idx, layer in enumerate(layers):
+        if isinstance(layer, ParallelGroup) and layer.degree > 1:
+            layers[idx] = GroupShard(layer, comm)
+    _capture_hidden_states(model.model)
+    if share_replicated is None:
+        share_replicated = comm.transport == "shm"
+    elif share_replicated and comm.transport != "shm" and not shared_memory_usable(comm.group):
+        raise ValueError("share_replicated needs every rank on this host with CPU tensors")
+    if share_replicated:
+        own = {id(p) for layer in layers if isinstance(layer, GroupShard) for p in layer.parameters()}
+        share_weights([p for p in model.parameters() if id(p) not in own], comm)
+    return model
+
+
+def _capture_hidden_states(decoder: nn.Module) -> None:
+    """Let ``output_hidden_states=True`` record the shards' outputs like the groups' (see cqil.group)."""
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:
+        return
+    for layer in decoder.layers:
+        if isinstance(layer, GroupShard):
+            install_output_capuring_hook(layer, "hidden_states", 0)
+
+
+def _branch_of_merged(group: MergedGroup, j: int, first: bool) -> MergedGroup:
+    """A one-branch :class:`MergedGroup` with branch ``j``'s rows and columns of ``group``.
+
+    ``down_proj``'s bias is the sum of the branches' biases (only that sum is ever used), so it goes
+    to the ``first`` branch's shard alone.
+    """
+    hd, inter = group.head_dim, group.intermediate_size
+    qw, kvw = group.num_heads * hd, group.num_kv_heads * hd
+    bias = {
+        "qkv": group.qkv_proj.bias is not None,
+        "o": group.o_bias is not None,
+        "mlp": group.gate_up_proj.bias is not None,
+        "qk_norm": group.q_norm is not None,
+    }
+    weight = group.qkv_proj.weight
+    local = MergedGroup(
+        group.config,
+        group.layer_idx,
+        (group.original_indices[j],),
+        bypass="none",
+        bypass_distance=1,
+        gates="fixed",
+        gate_shape="scalar",
+        sliding_window=group.sliding_window,
+        dtype=weight.dtype,
+        device=weight.device,
+        bias=bias,
+    )
+
+    def qkv_rows(t: torch.Tensor) -> torch.Tensor:
+        q, k, v = t.split([group.q_width, group.kv_width, group.kv_width])
+        return torch.cat([q[j * qw : (j + 1) * qw], k[j * kvw : (j + 1) * kvw], v[j * kvw : (j + 1) * kvw]])
+
+    local.qkv_proj.weight.copy_(qkv_rows(weight))
+    local.o_proj.weight.copy_(group.o_proj.weight[:, j * qw : (j + 1) * qw])
+    local.gate_up_proj.weight.copy_(group.gate_up_proj.weight[2 * j * inter : 2 * (j + 1) * inter])
+    local.down_proj.weight.copy_(group.down_proj.weight[:, j * inter : (j + 1) * inter])
+    if bias["qkv"]:
+        local.qkv_proj.bias.copy_(qkv_rows(group.qkv_proj.bias))
+    if bias["o"]:
+        local.o_bias.copy_(group.o_bias[j : j + 1])
+    if bias["mlp"]:
+        local.gate_up_proj.bias.copy_(group.gate_up_proj.bias[2 * j * inter : 2 * (j + 1) * inter])
+        local.down_proj.bias.copy_(group.down_proj.bias if first else torch.zeros_like(group.down_proj.bias))
+    if bias["qk_norm"]:
+        local.q_norm.copy_(group.q_norm[j : j + 1])
+        local.k_norm.copy_(group.k_norm[j : j + 1])
+    return local.train(group.training)
+
+
+def _branch_of_branches(group: BranchGroup, j: int) -> BranchGroup:
+    """A one-branch :class:`BranchGroup` around branch ``j``'s own decoder layer (no copy)."""
+    local = BranchGroup(
+        [group.branches[j]],
+        group.config,
+        group.layer_idx,
+        (group.original_indices[j],),
+        bypass="none",
+        bypass_distance=1,
+        gates="fixed",
+        gate_shape="scalar",
+        sliding_window=group.sliding_window,
+    )
+    return local.train(group.training)
+
+
+class GroupShard(nn.Module):
+    """This rank's share of one :class:`~cqil.group.ParallelGroup`: its branch and the group's exchanges.
+
+    ``local`` is a one-branch group of the same form holding branch ``rank`` (``None`` on a rank at or
+    beyond the group's degree, which adds zeros to the sums). Called like a decoder layer. The KV cache
+    entry at the group's layer index holds this branch's key/value heads only.
+    """
+
+    def __init__(self, group: ParallelGroup, comm: Communicator) -> None:
+        super().__init__()
+        self.comm = comm
+        self.layer_idx = group.layer_idx
+        self.original_indices = group.original_indices
+        self.degree = group.degree
+        self.bypass = group.bypass
+        self.bypass_distance = group.bypass_distance
+        self.head_dim = group.head_dim
+        self.rank = comm.rank
+        self.branch = comm.rank if comm.rank < group.degree else None
+        if self.branch is None:
+            self.local = None
+        elif isinstance(group, MergedGroup):
+            self.local = _branch_of_merged(group, self.branch, first=self.branch == 0)
+        else:
+            self.local = _branch_of_branches(group, self.branch)
+
+        g = group.gate_matrix()
+        g = None if g is None else g.detach().clone()
+        if group.bypass == "lp":
+            self.exchange_kind = "shared" if group.shared_mlp_input or bool((g == 1).all()) else "gathered"
+        else:
+            self.exchange_kind = group.bypass  # "none" or "cqil"
+        # What this rank's mixing reads: its row of G (gathered), or its sources' gates (cqil).
+        row = g[self.branch] if g is not None and self.branch is not None else None
+        self.sources: list[int] = []
+        self.destinations: list[int] = []
+        if self.exchange_kind == "cqil":
+            # The mode's connections, not the gate values: a learned gate that reached 0 still costs a send.
+            mask = bypass_mask("cqil", group.degree, group.bypass_distance)
+            if self.branch is not None:
+                self.sources = [k for k in range(group.degree) if mask[self.branch, k]]
+                self.destinations = [j for j in range(group.degree) if mask[j, self.branch]]
+        self.register_buffer("gate_row", row, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={list(self.original_indices)}, layer_idx={self.layer_idx}, branch={self.branch}, "
+            f"exchange={self.exchange_kind}"
+        )
+
+    def _attend(self, x, attention_mask, past_key_values, position_embeddings, **kwargs) -> torch.Tensor:
+        """a_j of this rank's branch (B, T, D), with its keys and values in the cache."""
+        local = self.local
+        q, k, v = local._qkv(x)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(local.config._attn_implementation, eager_attention)
+        attn, _ = attention(
+            local,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else local.attention_dropout,
+            scaling=local.scaling,
+            sliding_window=local.sliding_window,
+            **kwargs,
+        )
+        return local._attention_out(attn, summed=True)
+
+    def _idle(self, x: torch.Tensor, past_key_values) -> torch.Tensor:
+        """A rank without a branch of this group: keep the cache's length in step, contribute zeros."""
+        if past_key_values is not None:
+            # No heads, but the sequence length the masks and positions read from the cache grows.
+            empty = x.new_empty(x.shape[0], 0, x.shape[1], self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(x)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        x, comm, local = hidden_states, self.comm, self.local
+        if local is None:
+            a = self._idle(x, past_key_values)
+        else:
+            a = self._attend(x, attention_mask, past_key_values, position_embeddings, **kwargs)
+
+        if self.exchange_kind == "shared":
+            u = x + comm.all_reduce_(a)
+            m = local._mlp(u, shared=True) if local is not None else torch.zeros_like(x)
+            return u + comm.all_reduce_(m)
+
+        if self.exchange_kind == "gathered":
+            parts = comm.all_gather(a)[: self.degree]
+            if local is None:
+                return x + sum_branches(parts) + comm.all_reduce_(torch.zeros_like(x))
+            g = self.gate_row.to(a.dtype)
+            mixed = (
+                torch.einsum("k,k...->...", g, parts)
+                if g.dim() == 1
+                else torch.einsum("kd,k...d->...d", g, parts)
+            )
+            m = local._mlp(x + mixed, shared=True)
+            return x + sum_branches(parts) + comm.all_reduce_(m)
+
+        if self.exchange_kind == "cqil":
+            received = comm.exchange(a, self.sources, self.destinations)
+            if local is None:
+                return x + comm.all_reduce_(a)
+            u = x + a
+            for k, a_k in received.items():
+                u = u + self.gate_row[k].to(a.dtype) * a_k
+            return x + comm.all_reduce_(a + local._mlp(u, shared=True))
+
+        # none: every branch is an independent layer
+        if local is None:
+            return x + comm.all_reduce_(a)
+        return x + comm.all_reduce_(a + local._mlp(x + a, shared=True))
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy decoding with the KV cache: ``input_ids`` followed by up to ``max_new_tokens`` tokens.
+
+    Works on a whole model and on a sharded one alike (every rank calls it with the same inputs and
+    gets the same tokens). A sequence that has produced an end token is padded with the first end
+    token; decoding stops when every sequence has ended.
+    """
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos_t = torch.tensor(eos, device=input_ids.device) if eos else None
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    tokens = [input_ids]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        if eos_t is not None:
+            token = torch.where(done, eos_t[0], token)
+            done = done | torch.isin(token, eos_t)
+        tokens.append(token[:, None])
+        if step + 1 == max_new_tokens or (eos_t is not None and bool(done.all())):
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1
+            )
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return torch.cat(tokens, dim=1)
