@@ -338,7 +338,7 @@ def evaluate(
     from cqil.export import check_export, load_export
     from cqil.plan import GroupPlan
     from cqil.pretrained import EMBEDDED_MODELS, fetch_model, load_model
-    from cqil.report import by_source, gap_closed, write_report
+    from cqil.report import by_source, gap_closed, plan_summary, write_report
     from cqil.surgery import parallelize
 
     if out_dir is not None:
@@ -402,15 +402,7 @@ def evaluate(
     report: dict = {
         "schema_version": 1,
         "base_model": getattr(original, "name_or_path", None) if original is not None else None,
-        "plan": {
-            "spec": str(plan),
-            "groups": [list(g) for g in plan.groups],
-            "num_layers": plan.num_layers,
-            "num_layers_after": plan.num_layers_after,
-            "ideal_speedup": round(plan.ideal_speedup, 4),
-            "mode": "parallel",
-            **{k: cqil.get(k) for k in ("bypass", "bypass_distance", "gates", "gate_shape", "form")},
-        },
+        "plan": plan_summary(plan, cqil),
     }
     if data is not None:
         results = {

@@ -56,6 +56,23 @@ STAGES = ("original", "parallelized", "recovered")
 _STAGE_COLORS = {"original": "#4c72b0", "parallelized": "#dd8452", "recovered": "#55a868"}
 
 
+_PLAN_OPTIONS = ("bypass", "bypass_distance", "gates", "gate_shape", "form")
+
+
+def plan_summary(plan, options: Mapping, *, mode: str = "parallel") -> dict:
+    """The report's ``plan`` entry for a :class:`cqil.GroupPlan` and the rewrite's options (a mapping
+    with the keys of ``model.config.cqil`` or the recipe's ``parallelize`` section)."""
+    return {
+        "spec": str(plan),
+        "groups": [list(g) for g in plan.groups],
+        "num_layers": plan.num_layers,
+        "num_layers_after": plan.num_layers_after,
+        "ideal_speedup": round(plan.ideal_speedup, 4),
+        "mode": mode,
+        **{k: options.get(k) for k in _PLAN_OPTIONS},
+    }
+
+
 def gap_closed(perplexity: Mapping) -> float | None:
     """The fraction of the rewrite's perplexity loss that recovery won back, or None if unknown."""
     try:

@@ -1041,26 +1041,14 @@ class RecoveryTrainer:
 
     def write_report(self) -> Path:
         """lm-eval and latency on the export in ``output_dir/model``, then ``output_dir/report/``."""
-        from cqil.report import by_source, gap_closed, headline, read_history, write_report
+        from cqil.report import by_source, gap_closed, headline, plan_summary, read_history, write_report
 
         r, results = self.recipe, self.results
         model_dir = self.output_dir / "model"
         report = {
             "schema_version": 1,
             "base_model": r.model.name_or_path,
-            "plan": {
-                "spec": str(self.plan),
-                "groups": [list(g) for g in self.plan.groups],
-                "num_layers": self.plan.num_layers,
-                "num_layers_after": self.plan.num_layers_after,
-                "ideal_speedup": round(self.plan.ideal_speedup, 4),
-                "mode": r.parallelize.mode,
-                "bypass": r.parallelize.bypass,
-                "bypass_distance": r.parallelize.bypass_distance,
-                "gates": r.parallelize.gates,
-                "gate_shape": r.parallelize.gate_shape,
-                "form": r.parallelize.form,
-            },
+            "plan": plan_summary(self.plan, vars(r.parallelize), mode=r.parallelize.mode),
             "perplexity": {
                 k: {n: results[k][n] for n in ("ppl", "nll", "tokens")}
                 for k in ("original", "parallelized", "recovered")
