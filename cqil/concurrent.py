@@ -46,15 +46,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from cqil.group import (
     BranchGroup,
     MergedGroup,
     ParallelGroup,
-    apply_rotary,
     bypass_mask,
-    eager_attention,
     sum_branches,
 )
 
@@ -489,22 +486,8 @@ class GroupShard(nn.Module):
     def _attend(self, x, attention_mask, past_key_values, position_embeddings, **kwargs) -> torch.Tensor:
         """a_j of this rank's branch (B, T, D), with its keys and values in the cache."""
         local = self.local
-        q, k, v = local._qkv(x)
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(local.config._attn_implementation, eager_attention)
-        attn, _ = attention(
-            local,
-            q,
-            k,
-            v,
-            attention_mask,
-            dropout=0.0 if not self.training else local.attention_dropout,
-            scaling=local.scaling,
-            sliding_window=local.sliding_window,
-            **kwargs,
+        attn = local._attention(
+            x, attention_mask, past_key_values, position_embeddings, self.layer_idx, **kwargs
         )
         return local._attention_out(attn, summed=True)
 

@@ -217,22 +217,14 @@ class ParallelGroup(GradientCheckpointingLayer):
         return x + mixed
 
     # ----------------------------------------------------------------- forward
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        x = hidden_states
+    def _attention(self, x, attention_mask, past_key_values, position_embeddings, layer_idx, **kwargs):
+        """Every branch's attention output before o_proj, (B, T, P*H, head_dim); the keys and values
+        go into ``past_key_values`` under ``layer_idx``."""
         q, k, v = self._qkv(x)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            k, v = past_key_values.update(k, v, layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         attn, _ = attention(
             self,
@@ -244,7 +236,23 @@ class ParallelGroup(GradientCheckpointingLayer):
             scaling=self.scaling,
             sliding_window=self.sliding_window,
             **kwargs,
-        )  # (B, T, P*H, head_dim)
+        )
+        return attn
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        x = hidden_states
+        attn = self._attention(
+            x, attention_mask, past_key_values, position_embeddings, self.layer_idx, **kwargs
+        )
 
         if self.shared_mlp_input:
             s = x + self._attention_out(attn, summed=True)
