@@ -26,40 +26,23 @@ import argparse
 import copy
 import json
 import statistics
-import time
 
 import torch
 from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
+from cqil import evaluation
 from cqil.pretrained import load_model
 
 DEFAULT_PLANS = {"smollm2-135m": "10-22:2", "tiny": "2-6:2"}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_prefill(model, ids: torch.Tensor) -> float:
-    synchronize(ids.device)
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    synchronize(ids.device)
-    return (time.perf_counter() - start) * 1e3
+    return evaluation.time_prefill(model, ids) * 1e3
 
 
 def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    synchronize(prompt.device)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-    synchronize(prompt.device)
-    return (time.perf_counter() - start) * 1e3
+    return evaluation.time_decode(model, prompt, new_tokens) * 1e3
 
 
 def main() -> None:

@@ -201,7 +201,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_prefill(model, ids: torch.Tensor) -> float:
+def time_prefill(model, ids: torch.Tensor) -> float:
+    """Seconds of one forward of ``ids`` (batch 1) building the KV cache, last-position logits only."""
     _sync(ids.device)
     start = time.perf_counter()
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -209,7 +210,8 @@ def _time_prefill(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def _time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds of ``new_tokens`` greedy steps with the KV cache after an untimed prefill of ``prompt``."""
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     _sync(prompt.device)
@@ -253,12 +255,12 @@ def measure_latency(
         with torch.inference_mode():
             for model in models.values():
                 model.eval()
-                _time_prefill(model, ids)
-                _time_decode(model, prompt, min(new_tokens, 4))
+                time_prefill(model, ids)
+                time_decode(model, prompt, min(new_tokens, 4))
             for rep in tqdm(range(reps), desc="latency", unit="rep", disable=not progress):
                 for name in names if rep % 2 == 0 else names[::-1]:
-                    times[name]["prefill"].append(_time_prefill(models[name], ids))
-                    times[name]["decode"].append(_time_decode(models[name], prompt, new_tokens))
+                    times[name]["prefill"].append(time_prefill(models[name], ids))
+                    times[name]["decode"].append(time_decode(models[name], prompt, new_tokens))
     finally:
         for name, model in models.items():
             model.train(modes[name])
