@@ -386,6 +386,15 @@ class TokenStream:
         self._rng.setstate(state["rng"])
 
 
+def _heldout_records(train_paths, eval_paths, heldout_fraction: float, **kw) -> tuple[Iterator, str]:
+    """``(text, source)`` of the evaluation text and a description of where it comes from: ``eval_paths``
+    when given, else the hash-held-out documents of ``train_paths`` (the ones :class:`TokenStream` skips)."""
+    if eval_paths:
+        return iter_records(eval_paths, **kw), ", ".join(map(str, eval_paths))
+    records = ((t, s) for t, s in iter_records(train_paths, **kw) if in_heldout(t, heldout_fraction))
+    return records, f"the {heldout_fraction:.2%} hash split of {', '.join(map(str, train_paths))}"
+
+
 def heldout_tokens(
     tokenizer,
     train_paths: Sequence[PathLike],
@@ -400,13 +409,15 @@ def heldout_tokens(
 ) -> torch.LongTensor:
     """The first ``num_sequences`` packed blocks of the evaluation text: ``eval_paths`` when given,
     else the hash-held-out documents of ``train_paths`` (the ones :class:`TokenStream` skips)."""
-    kw = dict(source_field=source_field, text_field=text_field, hub_split=hub_split)
-    if eval_paths:
-        texts = (t for t, _ in iter_records(eval_paths, **kw))
-        where = ", ".join(map(str, eval_paths))
-    else:
-        texts = (t for t, _ in iter_records(train_paths, **kw) if in_heldout(t, heldout_fraction))
-        where = f"the {heldout_fraction:.2%} hash split of {', '.join(map(str, train_paths))}"
+    records, where = _heldout_records(
+        train_paths,
+        eval_paths,
+        heldout_fraction,
+        source_field=source_field,
+        text_field=text_field,
+        hub_split=hub_split,
+    )
+    texts = (t for t, _ in records)
     tokens = pack_tokens(tokenizer, texts, seq_len=seq_len, max_sequences=num_sequences)
     if tokens.shape[0] == 0:
         raise ValueError(f"not enough held-out text for one sequence of {seq_len} tokens in {where}")
@@ -443,13 +454,14 @@ def heldout_blocks(
     documents of ``train_paths``; reading stops at the end, after ``max_records`` documents (a bound
     for streamed Hub datasets), or after 2,000 once every source seen has its share.
     """
-    kw = dict(source_field=source_field, text_field=text_field, hub_split=hub_split)
-    if eval_paths:
-        records = iter_records(eval_paths, **kw)
-        where = ", ".join(map(str, eval_paths))
-    else:
-        records = ((t, s) for t, s in iter_records(train_paths, **kw) if in_heldout(t, heldout_fraction))
-        where = f"the {heldout_fraction:.2%} hash split of {', '.join(map(str, train_paths))}"
+    records, where = _heldout_records(
+        train_paths,
+        eval_paths,
+        heldout_fraction,
+        source_field=source_field,
+        text_field=text_field,
+        hub_split=hub_split,
+    )
     texts: dict[str, list[str]] = {}
     counts: dict[str, int] = {}  # tokens gathered per source (approximate until packed)
     for n, (text, source) in enumerate(records, 1):
