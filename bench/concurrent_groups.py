@@ -59,6 +59,7 @@ from tiny import build_tiny
 from torch import nn
 
 import cqil
+from cqil._compat import cache_kwargs, output_cache
 from cqil.concurrent import Communicator, GroupShard, make_communicator, shard_model, share_weights
 from cqil.pretrained import load_model
 
@@ -173,7 +174,7 @@ def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **cache_kwargs(output_cache(out)))
         token = out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - start) * 1e3
 

@@ -47,12 +47,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cqil._compat import cache_kwargs, capture_hidden_states, output_cache
 from cqil.group import (
     BranchGroup,
     MergedGroup,
     ParallelGroup,
     bypass_mask,
     sum_branches,
+    take_cache,
 )
 
 TRANSPORTS = ("auto", "torch", "shm")
@@ -345,7 +347,7 @@ def shard_model(model: nn.Module, comm: Communicator, *, share_replicated: bool 
     for idx, layer in enumerate(layers):
         if isinstance(layer, ParallelGroup) and layer.degree > 1:
             layers[idx] = GroupShard(layer, comm)
-    _capture_hidden_states(model.model)
+    capture_hidden_states(model.model, [m for m in layers if isinstance(m, GroupShard)])
     if share_replicated is None:
         share_replicated = comm.transport == "shm"
     elif share_replicated and comm.transport != "shm" and not shared_memory_usable(comm.group):
@@ -354,17 +356,6 @@ def shard_model(model: nn.Module, comm: Communicator, *, share_replicated: bool 
         own = {id(p) for layer in layers if isinstance(layer, GroupShard) for p in layer.parameters()}
         share_weights([p for p in model.parameters() if id(p) not in own], comm)
     return model
-
-
-def _capture_hidden_states(decoder: nn.Module) -> None:
-    """Let ``output_hidden_states=True`` record the shards' outputs like the groups' (see cqil.group)."""
-    try:
-        from transformers.utils.output_capturing import install_output_capuring_hook
-    except ImportError:
-        return
-    for layer in decoder.layers:
-        if isinstance(layer, GroupShard):
-            install_output_capuring_hook(layer, "hidden_states", 0)
 
 
 def _branch_of_merged(group: MergedGroup, j: int, first: bool) -> MergedGroup:
@@ -483,20 +474,18 @@ class GroupShard(nn.Module):
             f"exchange={self.exchange_kind}"
         )
 
-    def _attend(self, x, attention_mask, past_key_values, position_embeddings, **kwargs) -> torch.Tensor:
+    def _attend(self, x, attention_mask, cache, position_embeddings, **kwargs) -> torch.Tensor:
         """a_j of this rank's branch (B, T, D), with its keys and values in the cache."""
         local = self.local
-        attn = local._attention(
-            x, attention_mask, past_key_values, position_embeddings, self.layer_idx, **kwargs
-        )
+        attn = local._attention(x, attention_mask, cache, position_embeddings, self.layer_idx, **kwargs)
         return local._attention_out(attn, summed=True)
 
-    def _idle(self, x: torch.Tensor, past_key_values) -> torch.Tensor:
+    def _idle(self, x: torch.Tensor, cache) -> torch.Tensor:
         """A rank without a branch of this group: keep the cache's length in step, contribute zeros."""
-        if past_key_values is not None:
+        if cache is not None:
             # No heads, but the sequence length the masks and positions read from the cache grows.
             empty = x.new_empty(x.shape[0], 0, x.shape[1], self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
+            cache.update(empty, empty, self.layer_idx)
         return torch.zeros_like(x)
 
     def forward(
@@ -504,16 +493,17 @@ class GroupShard(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         x, comm, local = hidden_states, self.comm, self.local
+        cache = take_cache(kwargs, cache)  # either keyword, as in ParallelGroup.forward
         if local is None:
-            a = self._idle(x, past_key_values)
+            a = self._idle(x, cache)
         else:
-            a = self._attend(x, attention_mask, past_key_values, position_embeddings, **kwargs)
+            a = self._attend(x, attention_mask, cache, position_embeddings, **kwargs)
 
         if self.exchange_kind == "shared":
             u = x + comm.all_reduce_(a)
@@ -586,7 +576,7 @@ def generate_greedy(
         out = model(
             input_ids=token[:, None],
             attention_mask=attention_mask,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **cache_kwargs(output_cache(out)),
         )
     return torch.cat(tokens, dim=1)

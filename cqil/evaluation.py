@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cqil._compat import cache_kwargs, output_cache
+
 # The local tasks built from the shipped held-out text (data/tasks/build_tasks.py); a source
 # checkout or an editable install finds them here.
 LOCAL_TASKS = Path(__file__).resolve().parents[1] / "data" / "tasks"
@@ -217,7 +219,7 @@ def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
     _sync(prompt.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **cache_kwargs(output_cache(out)))
         token = out.logits[:, -1:].argmax(-1)
     _sync(prompt.device)
     return time.perf_counter() - start

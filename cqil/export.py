@@ -6,6 +6,7 @@ An export folder holds::
     configuration_cqil.py         CqilConfig            (cqil/modeling/configuration_cqil.py, verbatim)
     modeling_cqil.py              CqilForCausalLM       (cqil/modeling/modeling_cqil.py, verbatim)
     cqil_group.py                 the group math        (cqil/group.py, verbatim; imported relatively)
+    cqil_compat.py                transformers touchpoints (cqil/_compat.py, verbatim; imported relatively)
     model.safetensors             or model-0000i-of-0000n.safetensors + model.safetensors.index.json
     generation_config.json
     tokenizer files               when a tokenizer is given
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cqil._compat import zero3_init_disabled
 from cqil.group import effective_layers
 from cqil.surgery import layers_prefix
 
@@ -49,6 +51,7 @@ CODE_FILES = {
     "configuration_cqil.py": _PACKAGE / "modeling" / "configuration_cqil.py",
     "modeling_cqil.py": _PACKAGE / "modeling" / "modeling_cqil.py",
     "cqil_group.py": _PACKAGE / "group.py",
+    "cqil_compat.py": _PACKAGE / "_compat.py",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_cqil.CqilConfig",
@@ -502,7 +505,7 @@ def render_model_card(
         "## How to load",
         "",
         "The folder ships its own small modeling code (`modeling_cqil.py`, `configuration_cqil.py`, "
-        "`cqil_group.py`), so transformers loads it with `trust_remote_code=True`; cqil itself is not needed.",
+        "`cqil_group.py`, `cqil_compat.py`), so transformers loads it with `trust_remote_code=True`; cqil itself is not needed.",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -726,31 +729,10 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of the weights a saved model with ``config`` has (tied copies left out)."""
     from cqil.modeling.modeling_cqil import CqilForCausalLM
 
-    with torch.device("meta"), _without_zero3_init():  # shapes only: nothing allocated or initialised
+    with torch.device("meta"), zero3_init_disabled():  # shapes only: nothing allocated or initialised
         skeleton = CqilForCausalLM(config)
     tied = set(skeleton.all_tied_weights_keys)
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
-
-
-@contextlib.contextmanager
-def _without_zero3_init():
-    """Build a model as plain modules even inside a DeepSpeed ZeRO-3 run.
-
-    There transformers builds every model inside ``deepspeed.zero.Init``, whose partitioning is a
-    collective call: an export runs on the main process alone and would wait forever for the
-    other ranks.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_deepspeed
-    except ImportError:
-        yield
-        return
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _compare_shapes(

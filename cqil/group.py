@@ -107,24 +107,19 @@ def set_layer_idx(layer: nn.Module, layer_idx: int) -> None:
             module.layer_idx = layer_idx
 
 
-def capture_group_hidden_states(decoder: nn.Module) -> None:
-    """Make ``output_hidden_states=True`` return one state per effective layer, groups included.
+def take_cache(kwargs: dict, cache=None):
+    """The KV cache a caller passed as ``cache=`` (transformers 5.24 on) or ``past_key_values=`` (before).
 
-    transformers records hidden states with forward hooks on modules of the model's own
-    decoder-layer class; groups are not of that class, so they get the same hook here.
-    ``decoder`` is the base model (``model.model`` of a ``*ForCausalLM``).
+    Groups are called by the base model's own layer loop, whichever keyword the installed
+    transformers uses; one that fell into ``**kwargs`` unseen would leave the cache empty.
     """
-    try:
-        from transformers.utils.output_capturing import (
-            install_output_capuring_hook,
-            maybe_install_capturing_hooks,
-        )
-    except ImportError:  # a transformers without hook-based capture
-        return
-    maybe_install_capturing_hooks(decoder)
-    for layer in decoder.layers:
-        if isinstance(layer, ParallelGroup):
-            install_output_capuring_hook(layer, "hidden_states", 0)
+    for name in ("cache", "past_key_values"):
+        value = kwargs.pop(name, None)
+        if value is not None:
+            if cache is not None and value is not cache:
+                raise ValueError("two different KV caches were passed (cache and past_key_values)")
+            cache = value
+    return cache
 
 
 def sum_branches(parts) -> torch.Tensor:
@@ -217,14 +212,14 @@ class ParallelGroup(GradientCheckpointingLayer):
         return x + mixed
 
     # ----------------------------------------------------------------- forward
-    def _attention(self, x, attention_mask, past_key_values, position_embeddings, layer_idx, **kwargs):
+    def _attention(self, x, attention_mask, cache, position_embeddings, layer_idx, **kwargs):
         """Every branch's attention output before o_proj, (B, T, P*H, head_dim); the keys and values
-        go into ``past_key_values`` under ``layer_idx``."""
+        go into ``cache`` under ``layer_idx``."""
         q, k, v = self._qkv(x)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         attn, _ = attention(
             self,
@@ -244,15 +239,14 @@ class ParallelGroup(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         x = hidden_states
-        attn = self._attention(
-            x, attention_mask, past_key_values, position_embeddings, self.layer_idx, **kwargs
-        )
+        cache = take_cache(kwargs, cache)
+        attn = self._attention(x, attention_mask, cache, position_embeddings, self.layer_idx, **kwargs)
 
         if self.shared_mlp_input:
             s = x + self._attention_out(attn, summed=True)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cqil._compat import capture_hidden_states
 from cqil.group import (
     BYPASS_MODES,
     FORMS,
@@ -21,7 +22,6 @@ from cqil.group import (
     BranchGroup,
     MergedGroup,
     ParallelGroup,
-    capture_group_hidden_states,
     set_layer_idx,
 )
 from cqil.plan import GroupPlan
@@ -129,7 +129,7 @@ def parallelize(
     config.num_hidden_layers = len(new_layers)
     if layer_types:
         config.layer_types = [layer_types[indices[0]] for indices in plan.effective_layers()]
-    capture_group_hidden_states(model.model)
+    capture_hidden_states(model.model, [m for m in model.model.layers if isinstance(m, ParallelGroup)])
     return model
 
 

@@ -44,6 +44,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from cqil._compat import (
+    adapters_disabled,
+    causal_masks,
+    rotary_embeddings,
+    unset_zero3_init,
+    zero3_init_disabled,
+)
 from cqil.data import TokenStream, heldout_blocks, in_heldout, iter_records, pack_tokens
 from cqil.losses import head_losses, hidden_loss, kd_loss, lm_loss
 from cqil.plan import GroupPlan
@@ -143,21 +150,8 @@ class RecoveryModel(nn.Module):
 
     # -------------------------------------------------------------- pieces
     def _masks(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> dict:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        kw = dict(
-            config=self.student.config,
-            inputs_embeds=embeds,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
         types = set(self._student_types) | set(self._teacher_types) | {self._default_type}
-        makers = {
-            "full_attention": create_causal_mask,
-            "sliding_attention": create_sliding_window_causal_mask,
-        }
-        return {t: makers[t](**kw) for t in types if t in makers}
+        return causal_masks(self.student.config, embeds, position_ids, sorted(types))
 
     def _student_type(self, e: int) -> str:
         return self._student_types[e] if self._student_types else self._default_type
@@ -193,7 +187,10 @@ class RecoveryModel(nn.Module):
         embeds = inner.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         masks = self._masks(embeds, position_ids)
-        ctx = {"position_embeddings": inner.rotary_emb(embeds, position_ids), "position_ids": position_ids}
+        ctx = {
+            "position_embeddings": rotary_embeddings(inner, embeds, position_ids),
+            "position_ids": position_ids,
+        }
 
         # The layers before the first group are the same for student and teacher: run them once.
         prefix_grad = torch.is_grad_enabled() and any(
@@ -263,7 +260,7 @@ class RecoveryModel(nn.Module):
         """The original model's path from the shared prefix on: (final normed hidden states, states at
         group outputs)."""
         layers = self.student.model.layers
-        with self._adapters_disabled():
+        with adapters_disabled(self.student):
             h = shared.detach()
             if self.adapters_outside_groups:  # the prefix carries adapters: the teacher runs its own
                 h = embeds.detach()
@@ -278,23 +275,6 @@ class RecoveryModel(nn.Module):
                     h = self._run(self.teacher_layers[str(i)], h, masks[self._teacher_type(i)], ctx)
                 states.append(h)
             return self.student.model.norm(h), states
-
-    @contextlib.contextmanager
-    def _adapters_disabled(self):
-        """Switch LoRA adapters off for the teacher without touching ``requires_grad``.
-
-        peft's ``enable_adapters(False)`` also freezes the adapter weights, which must not change
-        inside a DDP forward; the flag it sets is what the LoRA layers' forward reads.
-        """
-        tuners = [m for m in self.student.modules() if hasattr(m, "_disable_adapters")]
-        saved = [m._disable_adapters for m in tuners]
-        for m in tuners:
-            m._disable_adapters = True
-        try:
-            yield
-        finally:
-            for m, value in zip(tuners, saved, strict=True):
-                m._disable_adapters = value
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -692,9 +672,7 @@ class RecoveryTrainer:
             # The teacher copy and the surgery need whole weights: under ZeRO-3, transformers would
             # otherwise load into deepspeed.zero.Init and partition them on load. Each rank holds
             # the model in CPU memory until accelerate.prepare partitions it.
-            from transformers.integrations import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
+            unset_zero3_init()
         try:
             return load_model(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation)
         finally:
@@ -1106,10 +1084,10 @@ class RecoveryTrainer:
 
     def _load_exported(self, folder: Path) -> nn.Module:
         """The export as users load it, on this (the main) process alone, even under ZeRO-3."""
-        from cqil.export import _without_zero3_init, load_export
+        from cqil.export import load_export
 
         device, dtype = self.accelerator.device, self.recipe.model.dtype
-        with _without_zero3_init():  # ZeRO-3's init would wait for the ranks that have exited
+        with zero3_init_disabled():  # ZeRO-3's init would wait for the ranks that have exited
             if self.recipe.parallelize.mode == "coalesce":  # a plain checkpoint of the base architecture
                 from transformers import AutoModelForCausalLM
 
@@ -1121,9 +1099,8 @@ class RecoveryTrainer:
         from cqil.evaluation import measure_latency
 
         e = self.recipe.eval
-        from cqil.export import _without_zero3_init
 
-        with _without_zero3_init():
+        with zero3_init_disabled():
             original, _ = self._load_model()
         original.to(self.accelerator.device)
         latency = measure_latency(

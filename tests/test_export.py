@@ -61,6 +61,11 @@ for name, folder in folders.items():
     with torch.no_grad():
         out[name + ".logits"] = model(input_ids).logits
     out[name + ".tokens"] = model.generate(input_ids, **generate)
+    ids = input_ids  # the same greedy tokens without the KV cache: the cache must change nothing
+    with torch.no_grad():
+        for _ in range(generate["max_new_tokens"]):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    out[name + ".nocache"] = ids
 save_file(out, sys.argv[4])
 """
 
@@ -160,6 +165,10 @@ def round_trip(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     got = load_file(root / "got.safetensors")
+    for name in exports:
+        assert torch.equal(got[name + ".tokens"], got[name + ".nocache"]), (
+            f"{name}: cached generation differs"
+        )
     return {name: (*e, got[name + ".logits"], got[name + ".tokens"]) for name, e in exports.items()}
 
 

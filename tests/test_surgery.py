@@ -10,6 +10,7 @@ from conftest import make_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import cqil
+from cqil._compat import cache_kwargs
 from cqil.group import BranchGroup, MergedGroup, ParallelGroup
 
 PLAN = [[1, 2, 3], [4, 5]]  # a triple (exercises cqil distances) and a pair
@@ -221,7 +222,7 @@ def test_kv_cache_holds_all_branches_under_one_layer_index(form, input_ids):
     par = parallel(model, form=form)
     cache = DynamicCache(config=par.config)
     with torch.no_grad():
-        par(input_ids, past_key_values=cache, use_cache=True)
+        par(input_ids, use_cache=True, **cache_kwargs(cache))
     assert len(cache.layers) == cqil.GroupPlan.parse(PLAN, 8).num_layers_after == 5
     kv = model.config.num_key_value_heads
     heads = [layer.keys.shape[1] for layer in cache.layers]

@@ -12,9 +12,9 @@ from cqil.group import (
     MergedGroup,
     ParallelGroup,
     bypass_mask,
-    capture_group_hidden_states,
     effective_layers,
     set_layer_idx,
+    take_cache,
 )
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "MergedGroup",
     "ParallelGroup",
     "bypass_mask",
-    "capture_group_hidden_states",
     "effective_layers",
     "set_layer_idx",
+    "take_cache",
 ]

@@ -28,17 +28,17 @@ import copy
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_cqil import CqilConfig
+from .cqil_compat import cache_kwargs, capture_hidden_states, causal_lm_output, output_cache
 from .cqil_group import (
     BranchGroup,
     MergedGroup,
     ParallelGroup,
     bypass_mask,
-    capture_group_hidden_states,
     effective_layers,
     set_layer_idx,
+    take_cache,
 )
 
 
@@ -126,7 +126,10 @@ class CqilForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BranchGroup", "MergedGroup"]  # the base decoder layer class comes from `model`
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [
+        "cache",
+        "past_key_values",
+    ]  # the keyword before and from transformers 5.24
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # The groups call transformers' attention dispatch like the base layers do.
     _supports_sdpa = True
@@ -139,7 +142,7 @@ class CqilForCausalLM(PreTrainedModel, GenerationMixin):
         text_config = config.text_config
         self.model = AutoModel.from_config(text_config)
         self.model.layers = build_layers(self.model.layers, text_config, config.cqil)
-        capture_group_hidden_states(self.model)
+        capture_hidden_states(self.model, [m for m in self.model.layers if isinstance(m, ParallelGroup)])
         self.vocab_size = text_config.vocab_size
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         self.post_init()
@@ -161,20 +164,23 @@ class CqilForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ):
+        # generate() passes the cache as ``cache=`` from transformers 5.24 on, ``past_key_values=``
+        # before; the base model is called with the keyword the installed transformers uses.
+        cache = take_cache(kwargs, cache)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **cache_kwargs(cache),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -185,10 +191,10 @@ class CqilForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return CausalLMOutputWithPast(
+        return causal_lm_output(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=output_cache(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
