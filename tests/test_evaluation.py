@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, make_model
 
-from cqil.evaluation import perplexity
+from cqil.evaluation.metrics import perplexity
 
 
 def test_perplexity_matches_transformers_loss():

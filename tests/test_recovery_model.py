@@ -1,7 +1,7 @@
 """RecoveryModel's optimized step against the straightforward computation: same losses, same gradients.
 
 The reference is the naive step: the teacher as a separate full copy of the original model run from
-the input ids, and the losses of ``cqil.losses`` on both models' whole-batch logits.
+the input ids, and the losses of ``cqil.recovery.losses`` on both models' whole-batch logits.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqil.losses import hidden_loss, kd_loss, lm_loss
-from cqil.surgery import parallelize, trainable_parameters
-from cqil.trainer import RecoveryModel
+from cqil.recovery.losses import hidden_loss, kd_loss, lm_loss
+from cqil.recovery.trainer import RecoveryModel
+from cqil.rewrite.surgery import parallelize, trainable_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_model  # noqa: E402

@@ -1,15 +1,15 @@
 """Recover a parallelized LLM: ``accelerate launch train/recover.py RECIPE.yaml [key=value ...]``.
 
 Runs the same under ``python``, ``accelerate launch`` (DDP or DeepSpeed) and ``torchrun``; all the
-logic is in :mod:`cqil.trainer`. Overrides use dotted keys and YAML values, e.g.
+logic is in :mod:`cqil.recovery.trainer`. Overrides use dotted keys and YAML values, e.g.
 ``train.max_steps=50 'parallelize.groups=[[2,3],[4,5]]'``. Exit codes: 0 done, 75 preempted
 (SIGTERM/SIGUSR1, checkpoint written: run the same command again to resume), 3 non-finite loss.
 """
 
 import sys
 
-from cqil.recipe import RecipeError, load_recipe
-from cqil.trainer import run
+from cqil.recovery.recipe import RecipeError, load_recipe
+from cqil.recovery.trainer import run
 
 
 def main(argv: list[str]) -> int:

@@ -74,8 +74,8 @@ class GroupPlan:
 
     def effective_layers(self) -> list[tuple[int, ...]]:
         """One entry per effective layer, in order: the original indices it runs (one for ungrouped layers)."""
-        # Imported here: cqil.group needs torch and transformers, which reading a plan (or a recipe) does not.
-        from cqil.group import effective_layers
+        # Imported here: cqil.rewrite.group needs torch and transformers, which reading a plan (or a recipe) does not.
+        from cqil.rewrite.group import effective_layers
 
         return effective_layers(self.groups, self.num_layers)
 

@@ -13,7 +13,7 @@ import glob
 import os
 import sys
 
-from cqil.export_cli import add_export_parser
+from cqil.cli.export import add_export_parser
 
 EXIT_USAGE = 2
 # Errors the library raises for bad user input; anything else is a bug and keeps its traceback.
@@ -72,8 +72,8 @@ def add_analyze_parser(subparsers) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from cqil.search import check_out_dir
-    from cqil.similarity import analyze, format_group_ranking
+    from cqil.selection.search import check_out_dir
+    from cqil.selection.similarity import analyze, format_group_ranking
 
     # Fail on a mistyped path now rather than after loading the model.
     for path in args.data:
@@ -144,8 +144,8 @@ def add_plan_parser(subparsers) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from cqil.data import calibration_tokens
-    from cqil.search import BudgetError, check_out_dir, search_plan, write_report
+    from cqil.recovery.data import calibration_tokens
+    from cqil.selection.search import BudgetError, check_out_dir, search_plan, write_report
 
     for path in args.data:
         if not glob.glob(path):
@@ -217,8 +217,8 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from cqil.evaluation import evaluate
-    from cqil.report import headline
+    from cqil.evaluation.metrics import evaluate
+    from cqil.evaluation.report import headline
 
     for path in args.data or []:
         if not glob.glob(path):

@@ -5,7 +5,7 @@ An export folder holds::
     config.json                   model_type "cqil", auto_map -> the two files below
     configuration_cqil.py         CqilConfig            (cqil/modeling/configuration_cqil.py, verbatim)
     modeling_cqil.py              CqilForCausalLM       (cqil/modeling/modeling_cqil.py, verbatim)
-    cqil_group.py                 the group math        (cqil/group.py, verbatim; imported relatively)
+    cqil_group.py                 the group math        (cqil/rewrite/group.py, verbatim; imported relatively)
     model.safetensors             or model-0000i-of-0000n.safetensors + model.safetensors.index.json
     generation_config.json
     tokenizer files               when a tokenizer is given
@@ -37,18 +37,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cqil.group import effective_layers
-from cqil.surgery import layers_prefix
+from cqil.rewrite.group import effective_layers
+from cqil.rewrite.surgery import layers_prefix
 
 if TYPE_CHECKING:
     from torch import nn
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]
 # Export-folder name -> source file in the package.
 CODE_FILES = {
     "configuration_cqil.py": _PACKAGE / "modeling" / "configuration_cqil.py",
     "modeling_cqil.py": _PACKAGE / "modeling" / "modeling_cqil.py",
-    "cqil_group.py": _PACKAGE / "group.py",
+    "cqil_group.py": _PACKAGE / "rewrite" / "group.py",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_cqil.CqilConfig",
@@ -221,7 +221,7 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str, torch.Tensor]:
     """The tensors to save: the model's state dict without tied copies, groups folded if asked."""
-    from cqil.group import MergedGroup, ParallelGroup
+    from cqil.rewrite.group import MergedGroup, ParallelGroup
 
     state = dict(model.state_dict())
     # A tied output projection is the embedding matrix; save it once, as transformers does.
@@ -239,9 +239,9 @@ def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str,
     groups = [(idx, g) for idx, g in enumerate(model.model.layers) if isinstance(g, ParallelGroup)]
     if len(groups) != len(cqil["plan"]["groups"]):
         raise ValueError(
-            f"fold: found {len(groups)} cqil.group modules for the {len(cqil['plan']['groups'])} groups "
+            f"fold: found {len(groups)} cqil.rewrite.group modules for the {len(cqil['plan']['groups'])} groups "
             "of the plan (a model loaded with trust_remote_code has its own copies of the group classes; "
-            "load it with cqil.export.load_export instead)"
+            "load it with cqil.export.write.load_export instead)"
         )
     for idx, group in groups:
         where = f"group {list(group.original_indices)} ({prefix}.{idx})"
@@ -513,7 +513,7 @@ def render_model_card(
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
         "```",
         "",
-        "With cqil installed, `cqil.export.load_export(folder)` loads it with the package's own classes.",
+        "With cqil installed, `cqil.export.write.load_export(folder)` loads it with the package's own classes.",
         "",
     ]
     return "\n".join(lines)
@@ -598,8 +598,8 @@ def _fmt(value) -> str:
 def _results_markdown(report: Mapping) -> list[str]:
     if report.get(
         "schema_version"
-    ):  # a report written by cqil.report: its own tables, plots added by the card
-        from cqil.report import headline, results_markdown
+    ):  # a report written by cqil.evaluation.report: its own tables, plots added by the card
+        from cqil.evaluation.report import headline, results_markdown
 
         return [f"**{headline(report)}.**", "", *results_markdown({**report, "plots": []})]
     lines: list[str] = []
@@ -810,7 +810,7 @@ def load_export(
     """Load an export with this package's classes (no remote code), after :func:`check_export`.
 
     ``dtype`` defaults to the dtype the weights were saved in. The groups of the returned model are
-    :mod:`cqil.group` modules, so :mod:`cqil.surgery`'s helpers work on it.
+    :mod:`cqil.rewrite.group` modules, so :mod:`cqil.rewrite.surgery`'s helpers work on it.
     """
     from cqil.modeling.modeling_cqil import CqilForCausalLM
 

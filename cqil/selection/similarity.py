@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cqil.coalescing import coalesce
-from cqil.data import calibration_tokens
-from cqil.evaluation import perplexity
-from cqil.group import BYPASS_MODES
-from cqil.plan import GroupPlan
-from cqil.surgery import parallelize
+from cqil.evaluation.metrics import perplexity
+from cqil.recovery.data import calibration_tokens
+from cqil.rewrite.coalescing import coalesce
+from cqil.rewrite.group import BYPASS_MODES
+from cqil.rewrite.plan import GroupPlan
+from cqil.rewrite.surgery import parallelize
 
 
 def layer_input_similarity(
@@ -127,12 +127,12 @@ def rank_groups(
     """Every group of ``degree`` consecutive layers ranked two ways: by input similarity and measured.
 
     ``sim`` is the (L, L) input-similarity matrix. Each group is also run as a one-group plan on
-    ``tokens`` (:func:`cqil.search.measure_windows`: calibration KL from the original model and
+    ``tokens`` (:func:`cqil.selection.search.measure_windows`: calibration KL from the original model and
     perplexity). Returns one entry per group, by first layer: ``{"layers", "similarity",
     "similarity_rank", "kl", "ppl", "measured_rank"}`` (rank 1 is the best: most similar inputs,
     lowest KL). Where the ranks disagree, similarity is a poor guide.
     """
-    from cqil.search import measure_windows
+    from cqil.selection.search import measure_windows
 
     sim = torch.as_tensor(sim, dtype=torch.float64)
     measured, _ = measure_windows(model, tokens, degree=degree, bypass=bypass, batch_size=batch_size)
@@ -192,7 +192,7 @@ def analyze(
     ``similarity.json`` (the returned dict) and ``similarity.png`` (the heatmap with each
     suggested plan's groups outlined) into ``out_dir``. ``model`` itself is left unchanged.
     With ``coalesced``, each plan is also measured as a depth-coalesced model (one averaged
-    layer per group, :func:`cqil.coalescing.coalesce`), the alternative that parallel groups
+    layer per group, :func:`cqil.rewrite.coalescing.coalesce`), the alternative that parallel groups
     are compared against. With ``measured``, every group of ``degree`` consecutive layers is
     also measured on its own (``lp`` bypass: calibration KL from the original and perplexity,
     :func:`rank_groups`), so the similarity ranking and the measured ranking sit side by side
@@ -206,7 +206,7 @@ def analyze(
     unknown = [mode for mode in bypass_modes if mode not in BYPASS_MODES]
     if unknown:
         raise ValueError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
-    from cqil.search import check_out_dir
+    from cqil.selection.search import check_out_dir
 
     out_dir = check_out_dir(out_dir, overwrite)  # a non-empty folder only when told to
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
   name or the small local tasks shipped in ``data/tasks/`` (:data:`LOCAL_TASKS`);
 * :func:`measure_latency`: prefill and greedy-decode speed of several models, interleaved.
 
-:func:`cqil.report.write_report` turns their results into the run's report.
+:func:`cqil.evaluation.report.write_report` turns their results into the run's report.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 # The local tasks built from the shipped held-out text (data/tasks/build_tasks.py); a source
 # checkout or an editable install finds them here.
-LOCAL_TASKS = Path(__file__).resolve().parents[1] / "data" / "tasks"
+LOCAL_TASKS = Path(__file__).resolve().parents[2] / "data" / "tasks"
 
 
 class UnknownTaskError(ValueError):
@@ -47,7 +47,7 @@ def perplexity(
     row (rows are independent, no sliding window). Returns ``{"ppl", "nll", "tokens"}`` where
     ``nll`` is the mean negative log-likelihood per predicted token (nats) and ``tokens``
     the number of predicted tokens, N * (T - 1). With ``sources`` (one name per row, as
-    :func:`cqil.data.heldout_blocks` gives), ``"by_source"`` maps each name to the same three
+    :func:`cqil.recovery.data.heldout_blocks` gives), ``"by_source"`` maps each name to the same three
     numbers over its rows.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -328,20 +328,20 @@ def evaluate(
     original model (a name for :func:`cqil.load_model`, or the model itself); with it, the
     ``parallelized`` stage is the original rewritten by the export's own plan and options with the
     gates at their initial values, i.e. the model before recovery. ``data``: held-out text for
-    perplexity (overall and per source, :func:`cqil.data.heldout_blocks`); ``tasks``: lm-eval
+    perplexity (overall and per source, :func:`cqil.recovery.data.heldout_blocks`); ``tasks``: lm-eval
     tasks; ``latency``: time the original and the recovered model side by side. Returns the report
-    (:mod:`cqil.report` documents it) and, with ``out_dir``, writes it there. Bad input (an existing
+    (:mod:`cqil.evaluation.report` documents it) and, with ``out_dir``, writes it there. Bad input (an existing
     ``out_dir``, an unknown task, a folder that is not an export, text with nothing usable) fails
     before any model is evaluated, and nothing is written.
     """
     import copy
 
-    from cqil.data import heldout_blocks
-    from cqil.export import check_export, load_export
-    from cqil.plan import GroupPlan
+    from cqil.evaluation.report import by_source, gap_closed, plan_summary, write_report
+    from cqil.export.write import check_export, load_export
     from cqil.pretrained import EMBEDDED_MODELS, fetch_model, load_model
-    from cqil.report import by_source, gap_closed, plan_summary, write_report
-    from cqil.surgery import parallelize
+    from cqil.recovery.data import heldout_blocks
+    from cqil.rewrite.plan import GroupPlan
+    from cqil.rewrite.surgery import parallelize
 
     if out_dir is not None:
         out = Path(out_dir)
@@ -437,7 +437,7 @@ def evaluate(
     if out_dir is not None:
         sim = None
         if original is not None and data is not None:
-            from cqil.similarity import layer_input_similarity
+            from cqil.selection.similarity import layer_input_similarity
 
             sim = layer_input_similarity(original, tokens[:8], progress=False)["matrix"]
         write_report(report, out_dir, similarity=sim, overwrite=overwrite)

@@ -1,7 +1,7 @@
 """Plan search: which layers to group, chosen by measured quality under a depth or speed budget.
 
 Which layers go into groups decides most of the final quality, and the similarity of layer
-inputs (:mod:`cqil.similarity`) is a poor guide on some models. :func:`search_plan` measures
+inputs (:mod:`cqil.selection.similarity`) is a poor guide on some models. :func:`search_plan` measures
 instead: every candidate plan runs on calibration tokens and is scored by the KL divergence of
 its next-token distribution from the original model's (and by its perplexity), and the best
 plan that meets the budget wins.
@@ -22,7 +22,7 @@ original model runs once and keeps its hidden states at the layer boundaries the
 so does every plan of the beam (only up to the last boundary needed). A new plan then runs only
 from the first layer where it differs from the nearest of those trajectories (for an extension,
 the new group's first layer): layers before it are never recomputed. Groups are
-:class:`~cqil.group.BranchGroup` views over the original layer modules (no weight is copied) with
+:class:`~cqil.rewrite.group.BranchGroup` views over the original layer modules (no weight is copied) with
 gates fixed at the bypass mode's G, which is what :func:`cqil.parallelize` builds before any
 training.
 
@@ -38,7 +38,7 @@ twice) and the kept hidden states (at most (beam_width + 1) x L x B x T x hidden
 The latency model (``speedup``): the original layers' times and the rest of a forward pass
 (embeddings, final norm, LM head) are measured once on one calibration batch; a plan's time is
 the rest plus, for every effective layer, the time of its slowest original layer: a group's
-branches run concurrently (one rank or stream per branch, as :mod:`cqil.concurrent` runs them)
+branches run concurrently (one rank or stream per branch, as :mod:`cqil.serving.concurrent` runs them)
 and communication is free. So it estimates prefill latency at the calibration batch shape, and
 is an upper bound on what a real concurrent run gains.
 """
@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from cqil.group import BYPASS_MODES, BranchGroup, effective_layers
-from cqil.plan import GroupPlan
-from cqil.surgery import check_supported, is_parallelized
+from cqil.rewrite.group import BYPASS_MODES, BranchGroup, effective_layers
+from cqil.rewrite.plan import GroupPlan
+from cqil.rewrite.surgery import check_supported, is_parallelized
 
 Groups = tuple[tuple[int, ...], ...]
 OBJECTIVES = ("kl", "ppl")
@@ -742,7 +742,7 @@ def search_plan(
 
     Args:
         model: the original ``*ForCausalLM`` (not parallelized); it is not modified.
-        tokens: calibration sequences ``(N, T)`` (e.g. :func:`cqil.data.calibration_tokens`).
+        tokens: calibration sequences ``(N, T)`` (e.g. :func:`cqil.recovery.data.calibration_tokens`).
         degree: layers per group (P >= 2).
         bypass, bypass_distance: the bypass mode the plan will be parallelized with
             (see :func:`cqil.parallelize`); candidates are measured with gates at its G.

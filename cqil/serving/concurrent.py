@@ -31,7 +31,7 @@ weights are also mapped from one shared copy (:func:`share_weights`).
 
 Sharding freezes the gates at their current values: this runtime is for inference.
 
-    torchrun --nproc_per_node 2 -m cqil.serve --model EXPORT_DIR --prompt "..." --max-new-tokens 32
+    torchrun --nproc_per_node 2 -m cqil.serving.serve --model EXPORT_DIR --prompt "..." --max-new-tokens 32
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cqil.group import (
+from cqil.rewrite.group import (
     BranchGroup,
     MergedGroup,
     ParallelGroup,
@@ -357,7 +357,7 @@ def shard_model(model: nn.Module, comm: Communicator, *, share_replicated: bool 
 
 
 def _capture_hidden_states(decoder: nn.Module) -> None:
-    """Let ``output_hidden_states=True`` record the shards' outputs like the groups' (see cqil.group)."""
+    """Let ``output_hidden_states=True`` record the shards' outputs like the groups' (see cqil.rewrite.group)."""
     try:
         from transformers.utils.output_capturing import install_output_capuring_hook
     except ImportError:
@@ -434,7 +434,7 @@ def _branch_of_branches(group: BranchGroup, j: int) -> BranchGroup:
 
 
 class GroupShard(nn.Module):
-    """This rank's share of one :class:`~cqil.group.ParallelGroup`: its branch and the group's exchanges.
+    """This rank's share of one :class:`~cqil.rewrite.group.ParallelGroup`: its branch and the group's exchanges.
 
     ``local`` is a one-branch group of the same form holding branch ``rank`` (``None`` on a rank at or
     beyond the group's degree, which adds zeros to the sums). Called like a decoder layer. The KV cache
