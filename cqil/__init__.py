@@ -22,10 +22,10 @@ _EXPORTS = {
     "decoalesce": "cqil.rewrite.coalescing",
     "interpolate": "cqil.rewrite.coalescing",
     "export_model": "cqil.export.write",
-    "load_export": "cqil.export.write",
-    "push_to_hub": "cqil.export.write",
+    "load_export": "cqil.export.load",
+    "push_to_hub": "cqil.export.hub",
     "search_plan": "cqil.selection.search",
-    "evaluate": "cqil.evaluation.metrics",
+    "evaluate": "cqil.evaluation.evaluate",
     "write_report": "cqil.evaluation.report",
     "shard_model": "cqil.serving.concurrent",
 }
@@ -50,9 +50,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from cqil.evaluation.metrics import evaluate
+    from cqil.evaluation.evaluate import evaluate
     from cqil.evaluation.report import write_report
-    from cqil.export.write import export_model, load_export, push_to_hub
+    from cqil.export.hub import push_to_hub
+    from cqil.export.load import load_export
+    from cqil.export.write import export_model
     from cqil.pretrained import fetch_model, load_model
     from cqil.rewrite.coalescing import coalesce, decoalesce, interpolate
     from cqil.rewrite.plan import GroupPlan

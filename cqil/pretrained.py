@@ -12,12 +12,13 @@ import importlib.util
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from cqil.files import sibling
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -69,7 +70,7 @@ def fetch_model(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
     gguf_path = _locate_gguf(entry)
     print(f"cqil: converting {gguf_path.name} to {target} (first use only)", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(target, "tmp")
+    staging = sibling(target, "tmp")
     staging.mkdir()
     try:
         _convert(entry, gguf_path, staging)
@@ -174,15 +175,10 @@ def _convert(entry: EmbeddedModel, gguf_path: Path, out_dir: Path) -> None:
     )
 
 
-def _sibling(target: Path, kind: str) -> Path:
-    # A hidden, unique name in the same directory, so the final rename stays on one filesystem.
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}")
-
-
 def _move_into_place(staging: Path, target: Path, *, replace: bool) -> None:
     old = None
     if replace and target.exists():
-        old = _sibling(target, "old")
+        old = sibling(target, "old")
         os.replace(target, old)
     try:
         os.replace(staging, target)  # atomic within one filesystem

@@ -28,7 +28,8 @@ from conftest import VOCAB, make_model
 from tiny_text import make_tokenizer
 
 import cqil
-from cqil.export.write import export_model, load_export
+from cqil.export.load import load_export
+from cqil.export.write import export_model
 from cqil.rewrite.group import ParallelGroup
 from cqil.serving.concurrent import (
     GroupShard,

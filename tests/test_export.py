@@ -29,7 +29,9 @@ from tiny_text import make_tokenizer
 
 import cqil
 from cqil.cli.export import add_export_parser
-from cqil.export.write import check_export, export_model, load_export, push_to_hub
+from cqil.export.hub import push_to_hub
+from cqil.export.load import check_export, load_export
+from cqil.export.write import export_model
 from cqil.rewrite.group import BranchGroup, MergedGroup
 
 PLAN = [[1, 2, 3], [4, 5]]  # a triple (cqil distance 2 reaches two branches back) and a pair

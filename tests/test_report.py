@@ -25,7 +25,8 @@ from cqil.evaluation.metrics import (
     task_manager,
 )
 from cqil.evaluation.report import gap_closed, headline, read_history, write_report
-from cqil.export.write import export_model, load_export
+from cqil.export.load import load_export
+from cqil.export.write import export_model
 from cqil.recovery.data import heldout_blocks
 
 PLAN = "2-6:2"
@@ -368,7 +369,7 @@ def test_cli_evaluate_bad_input_is_one_line_and_writes_nothing(case, match, expo
 def test_update_model_card_embeds_the_report(exported, tmp_path):
     import shutil
 
-    from cqil.export.write import update_model_card
+    from cqil.export.card import update_model_card
 
     root, recovered = exported
     folder = tmp_path / "model"

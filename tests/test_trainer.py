@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqil.export.write import load_export
+from cqil.export.load import load_export
 from cqil.recovery.recipe import RecipeError, recipe_from_dict
 from cqil.recovery.trainer import (
     EXIT_NONFINITE,
@@ -272,7 +272,7 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_with_its_code(tiny_model_dir, tmp_path, monkeypatch):
-    from cqil import data
+    from cqil.recovery import data
 
     calls = {"n": 0}
     original = data.TokenStream.next_batch

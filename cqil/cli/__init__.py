@@ -72,7 +72,7 @@ def add_analyze_parser(subparsers) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from cqil.selection.search import check_out_dir
+    from cqil.files import check_out_dir
     from cqil.selection.similarity import analyze, format_group_ranking
 
     # Fail on a mistyped path now rather than after loading the model.
@@ -144,8 +144,9 @@ def add_plan_parser(subparsers) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     import torch
 
+    from cqil.files import check_out_dir
     from cqil.recovery.data import calibration_tokens
-    from cqil.selection.search import BudgetError, check_out_dir, search_plan, write_report
+    from cqil.selection.search import BudgetError, search_plan, write_report
 
     for path in args.data:
         if not glob.glob(path):
@@ -217,7 +218,7 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from cqil.evaluation.metrics import evaluate
+    from cqil.evaluation.evaluate import evaluate
     from cqil.evaluation.report import headline
 
     for path in args.data or []:

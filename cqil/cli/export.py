@@ -71,7 +71,9 @@ def add_export_parser(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from cqil.export.write import export_model, load_export, push_to_hub
+    from cqil.export.hub import push_to_hub
+    from cqil.export.load import load_export
+    from cqil.export.write import export_model
 
     if not args.out and not args.push_to_hub:
         raise ValueError("nothing to do: give --out DIR, --push-to-hub ORG/NAME, or both")

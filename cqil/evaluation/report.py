@@ -51,6 +51,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cqil.files import check_out_dir, staged_folder
+
 SCHEMA_VERSION = 1
 STAGES = ("original", "parallelized", "recovered")
 _STAGE_COLORS = {"original": "#4c72b0", "parallelized": "#dd8452", "recovered": "#55a868"}
@@ -341,11 +343,7 @@ def write_report(
     written beside the target and renamed into place; an existing non-empty ``out_dir`` is refused
     unless ``overwrite``.
     """
-    from cqil.export.write import staged_folder
-
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out = check_out_dir(out_dir, overwrite)
     report = dict(report)
     pngs: dict[str, bytes] = {}
     groups = (report.get("plan") or {}).get("groups") or []

@@ -3,7 +3,7 @@
 These modules are copied verbatim into every export folder (``configuration_cqil.py``,
 ``modeling_cqil.py``, and ``cqil/rewrite/group.py`` as ``cqil_group.py``) so that
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works without cqil
-installed. Inside the package they are ordinary modules: :func:`cqil.export.write.load_export` loads an
+installed. Inside the package they are ordinary modules: :func:`cqil.export.load.load_export` loads an
 export with these classes directly, without remote code.
 """
 

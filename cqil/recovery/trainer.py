@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cqil.errors import OutputDirError
+from cqil.files import staged_folder, write_atomic
 from cqil.recovery.data import TokenStream, heldout_blocks, in_heldout, iter_records, pack_tokens
 from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss
 from cqil.recovery.recipe import Recipe, RecipeError, recipe_to_dict
@@ -1103,7 +1105,7 @@ class RecoveryTrainer:
             overwrite=True,  # output_dir belongs to this run
         )
         if exported and r.parallelize.mode == "parallel":
-            from cqil.export.write import update_model_card
+            from cqil.export.card import update_model_card
 
             update_model_card(model_dir, out / "report.json", recipe=recipe_to_dict(r))
         elif exported:
@@ -1113,7 +1115,7 @@ class RecoveryTrainer:
 
     def _load_exported(self, folder: Path) -> nn.Module:
         """The export as users load it, on this (the main) process alone, even under ZeRO-3."""
-        from cqil.export.write import _without_zero3_init, load_export
+        from cqil.export.load import _without_zero3_init, load_export
 
         device, dtype = self.accelerator.device, self.recipe.model.dtype
         with _without_zero3_init():  # ZeRO-3's init would wait for the ranks that have exited
@@ -1128,7 +1130,7 @@ class RecoveryTrainer:
         from cqil.evaluation.metrics import measure_latency
 
         e = self.recipe.eval
-        from cqil.export.write import _without_zero3_init
+        from cqil.export.load import _without_zero3_init
 
         with _without_zero3_init():
             original, _ = self._load_model()
@@ -1237,11 +1239,9 @@ def export_coalesced(
     with transformers alone), the tokenizer and a model card, written into a hidden sibling and renamed
     into place as :func:`cqil.export.write.export_model` does, replacing a previous folder only at the end.
     """
-    from cqil.export.write import staged_folder
-
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and not out.is_dir():  # replaced whole: only its non-folder form is refused
+        raise OutputDirError(f"{out} exists and is not a folder")
     with staged_folder(out) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
@@ -1291,9 +1291,7 @@ def _update_coalesced_card(trainer: RecoveryTrainer, report_dir: Path) -> None:
         shutil.copyfile(report_dir / name, model_dir / "plots" / name)
     lines = [_coalesced_card(trainer), "## Results", "", f"**{headline(report)}.**", ""]
     lines += results_markdown(report, plot_dir="plots/")
-    tmp = model_dir / ".README.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, model_dir / "README.md")
+    write_atomic(model_dir / "README.md", "\n".join(lines))
 
 
 def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: Callable | None = None) -> int:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -60,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cqil.files import check_out_dir, write_atomic
 from cqil.rewrite.group import BYPASS_MODES, BranchGroup, effective_layers
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import check_supported, is_parallelized
@@ -934,18 +934,6 @@ def search_plan(
 
 
 # ---------------------------------------------------------------------------------------- the report
-def check_out_dir(out_dir, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty ``out_dir`` unless ``overwrite`` (before any slow work)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
-    return out
-
-
 def write_report(
     result: SearchResult, out_dir, *, overwrite: bool = False, extra: dict | None = None
 ) -> Path:
@@ -953,18 +941,11 @@ def write_report(
     out = check_out_dir(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_dict() | (extra or {})
-    _write_atomic(out / "plans.json", (json.dumps(data, indent=2) + "\n").encode())
-    _write_atomic(out / "plan.yaml", result.recipe_snippet().encode())
-    _write_atomic(out / "table.txt", (result.format_table() + "\n").encode())
-    _write_atomic(out / "pareto.png", pareto_png(result))
+    write_atomic(out / "plans.json", (json.dumps(data, indent=2) + "\n").encode())
+    write_atomic(out / "plan.yaml", result.recipe_snippet().encode())
+    write_atomic(out / "table.txt", (result.format_table() + "\n").encode())
+    write_atomic(out / "pareto.png", pareto_png(result))
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A reader (or a crash) never sees a half-written file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def pareto_png(result: SearchResult) -> bytes:

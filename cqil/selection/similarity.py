@@ -15,13 +15,13 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cqil.evaluation.metrics import perplexity
+from cqil.files import check_out_dir, write_atomic
 from cqil.recovery.data import calibration_tokens
 from cqil.rewrite.coalescing import coalesce
 from cqil.rewrite.group import BYPASS_MODES
@@ -206,7 +206,6 @@ def analyze(
     unknown = [mode for mode in bypass_modes if mode not in BYPASS_MODES]
     if unknown:
         raise ValueError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
-    from cqil.selection.search import check_out_dir
 
     out_dir = check_out_dir(out_dir, overwrite)  # a non-empty folder only when told to
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,8 +248,8 @@ def analyze(
     }
     if measured:
         result["groups"] = groups
-    _write_atomic(out_dir / "similarity.json", (json.dumps(result, indent=2) + "\n").encode())
-    _write_atomic(out_dir / "similarity.png", _heatmap_png(sim["matrix"], plans, degree, groups))
+    write_atomic(out_dir / "similarity.json", (json.dumps(result, indent=2) + "\n").encode())
+    write_atomic(out_dir / "similarity.png", _heatmap_png(sim["matrix"], plans, degree, groups))
     return result
 
 
@@ -284,13 +283,6 @@ def _plan_entry(matrix: torch.Tensor, num_groups: int, degree: int) -> dict:
 
 def _range_spec(entry: dict, degree: int) -> str:
     return f"{entry['start']}-{entry['end']}:{degree}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A reader (or a crash) never sees a half-written file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _heatmap_png(matrix: torch.Tensor, plans: list[dict], degree: int, groups: list[dict] = ()) -> bytes:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from cqil.export.write import check_export
+    from cqil.export.load import check_export
 
     # Every rank validates the same input, so all of them stop before the process group forms.
     try:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cqil.serving.serve: error: {e}", file=sys.stderr)
         return 2
 
-    from cqil.export.write import load_export
+    from cqil.export.load import load_export
     from cqil.serving.concurrent import generate_greedy, init_distributed, make_communicator, shard_model
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
