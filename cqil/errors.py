@@ -40,3 +40,19 @@ class OutputDirError(CqilError, FileExistsError):
 
 class UsageError(CqilError, ValueError):
     """Options that contradict each other or an impossible request (e.g. a budget no plan meets)."""
+
+
+class ModelNotFoundError(CqilError, FileNotFoundError):
+    """A model folder, or a file a model folder needs, that does not exist."""
+
+
+class PlanError(CqilError, ValueError):
+    """A plan (groups of layers) that is malformed or does not fit the model."""
+
+
+class MissingPackageError(CqilError, ImportError):
+    """An optional package that the request needs is not installed."""
+
+
+class HubError(CqilError, OSError):
+    """A Hugging Face Hub request that failed (the message never carries the token)."""

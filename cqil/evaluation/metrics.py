@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cqil.errors import CqilError, DataNotFoundError
+
 # The local tasks built from the shipped held-out text (data/tasks/build_tasks.py); a source
 # checkout or an editable install finds them here.
 LOCAL_TASKS = Path(__file__).resolve().parents[2] / "data" / "tasks"
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(CqilError, ValueError):
     """An lm-eval task name that no task folder defines."""
 
 
@@ -96,7 +98,7 @@ def task_manager(paths: Sequence[str | os.PathLike] = ()):
     include = [str(LOCAL_TASKS)] if LOCAL_TASKS.is_dir() else []
     for path in paths:
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"lm-eval task folder {path}: no such folder")
+            raise DataNotFoundError(f"lm-eval task folder {path}: no such folder")
         include.append(str(Path(path).resolve()))
     return _task_manager(tuple(include))
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cqil.errors import ModelError, ModelNotFoundError
 from cqil.files import write_atomic
 from cqil.rewrite.group import effective_layers
 
@@ -37,11 +38,11 @@ def _read_report(report: Mapping | str | os.PathLike | None) -> tuple[dict, list
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"report {path}: no such file") from None
+            raise ModelNotFoundError(f"report {path}: no such file") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"report {path}: not valid JSON ({e})") from None
+            raise ModelError(f"report {path}: not valid JSON ({e})") from None
         if not isinstance(report, dict):
-            raise ValueError(f"report {path}: expected a JSON object")
+            raise ModelError(f"report {path}: expected a JSON object")
         base = path.parent
     report = dict(report)
     names = report.get("plots")
@@ -51,7 +52,7 @@ def _read_report(report: Mapping | str | os.PathLike | None) -> tuple[dict, list
         plots = [Path(p) if Path(p).is_absolute() or base is None else base / p for p in names]
     for path in plots:
         if not path.is_file():
-            raise FileNotFoundError(f"report plot {path}: no such file")
+            raise ModelNotFoundError(f"report plot {path}: no such file")
     return report, plots
 
 
@@ -65,7 +66,7 @@ def _read_recipe(recipe: str | Mapping | os.PathLike | None) -> str | None:
     if isinstance(recipe, os.PathLike) or ("\n" not in recipe and Path(recipe).suffix in (".yaml", ".yml")):
         path = Path(recipe)
         if not path.is_file():
-            raise FileNotFoundError(f"recipe {path}: no such file")
+            raise ModelNotFoundError(f"recipe {path}: no such file")
         return path.read_text(encoding="utf-8")
     return str(recipe)
 

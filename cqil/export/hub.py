@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cqil.errors import HubError, ModelNotFoundError
+
 if TYPE_CHECKING:
     pass
 
@@ -30,7 +32,7 @@ def push_to_hub(
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'config.json'}: no such file; push an export folder")
+        raise ModelNotFoundError(f"{folder / 'config.json'}: no such file; push an export folder")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     secret = token or get_token()
     api = HfApi(token=token)
@@ -53,5 +55,5 @@ def push_to_hub(
         message = " ".join(str(e).split())
         if secret:
             message = message.replace(secret, "***")
-        raise OSError(f"pushing {folder} to {repo_id} failed: {type(e).__name__}: {message}") from None
+        raise HubError(f"pushing {folder} to {repo_id} failed: {type(e).__name__}: {message}") from None
     return info.commit_url

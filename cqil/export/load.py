@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cqil.errors import ModelError, ModelNotFoundError
+
 if TYPE_CHECKING:
     pass
 
@@ -75,36 +77,36 @@ def check_export(folder: str | os.PathLike):
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise ModelNotFoundError(f"{folder}: no such folder")
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: no such file; {folder} is not a model folder")
+        raise ModelNotFoundError(f"{config_path}: no such file; {folder} is not a model folder")
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        raise ModelError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("model_type") != "cqil":
         found = raw.get("model_type") if isinstance(raw, dict) else None
-        raise ValueError(
+        raise ModelError(
             f"{config_path}: model_type is {found!r}, not 'cqil'; {folder} is not a cqil export "
             "(write one with `cqil export` or cqil.export_model)"
         )
     for key in ("cqil", "text_config"):
         if not isinstance(raw.get(key), dict):
-            raise ValueError(f"{config_path}: '{key}' is missing or not an object")
+            raise ModelError(f"{config_path}: '{key}' is missing or not an object")
     for key in ("plan", "bypass", "bypass_distance", "gates", "gate_shape", "form"):
         if key not in raw["cqil"]:
-            raise ValueError(f"{config_path}: 'cqil.{key}' is missing")
+            raise ModelError(f"{config_path}: 'cqil.{key}' is missing")
     for name in CODE_FILES:
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: no such file (the export's model code)")
+            raise ModelNotFoundError(f"{folder / name}: no such file (the export's model code)")
 
     shapes = _checkpoint_shapes(folder, safe_open)
     try:
         config = CqilConfig.from_pretrained(folder)
         expected = _expected_shapes(config)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise ValueError(f"{config_path}: does not describe a model ({type(e).__name__}: {e})") from None
+        raise ModelError(f"{config_path}: does not describe a model ({type(e).__name__}: {e})") from None
     _compare_shapes(
         expected, {k: (str(folder / f), shape) for k, (f, shape) in shapes.items()}, where=str(folder)
     )
@@ -151,15 +153,15 @@ def _compare_shapes(
     """
     for key, shape in expected.items():
         if key not in found:
-            raise ValueError(f"{where}: weight {key!r} is missing (config.json has it)")
+            raise ModelError(f"{where}: weight {key!r} is missing (config.json has it)")
         file, got = found[key]
         if got != shape:
-            raise ValueError(
+            raise ModelError(
                 f"{file}: weight {key!r} has shape {list(got)} but config.json implies {list(shape)}"
             )
     for key, (file, _) in found.items():
         if key not in expected:
-            raise ValueError(f"{file}: unexpected weight {key!r} (config.json has no such parameter)")
+            raise ModelError(f"{file}: unexpected weight {key!r} (config.json has no such parameter)")
 
 
 def _checkpoint_shapes(folder: Path, safe_open) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -169,23 +171,25 @@ def _checkpoint_shapes(folder: Path, safe_open) -> dict[str, tuple[str, tuple[in
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            raise ModelError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         files = sorted(set(weight_map.values()))
     elif (folder / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (missing weight files)")
+        raise ModelNotFoundError(
+            f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (missing weight files)"
+        )
     shapes = {}
     for name in files:
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing weight file (listed in {WEIGHTS_INDEX_NAME})")
+            raise ModelNotFoundError(f"{path}: missing weight file (listed in {WEIGHTS_INDEX_NAME})")
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                     shapes[key] = (name, tuple(f.get_slice(key).get_shape()))
         except Exception as e:  # safetensors raises its own error types for a corrupt header
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+            raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
     return shapes
 
 

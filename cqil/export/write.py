@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cqil.errors import ModelError
 from cqil.export.card import _hub_id, _read_recipe, _read_report, render_model_card
 from cqil.export.load import AUTO_MAP, CODE_FILES, _compare_shapes, _expected_shapes, _parse_dtype
 from cqil.files import check_out_dir, staged_folder
@@ -142,7 +143,7 @@ def _split_config(model: nn.Module) -> tuple[Any, dict]:
         return copy.deepcopy(config.text_config), copy.deepcopy(config.cqil)
     cqil = getattr(config, "cqil", None)
     if not cqil:
-        raise ValueError(
+        raise ModelError(
             f"{type(model).__name__} is not parallelized (its config has no 'cqil' entry): "
             "call cqil.parallelize(model, plan, ...) before exporting"
         )
@@ -177,13 +178,13 @@ def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str,
         return state
 
     if cqil["bypass"] != "lp":
-        raise ValueError(
+        raise ModelError(
             f"fold needs bypass 'lp' (every MLP reading all attention outputs); got {cqil['bypass']!r}"
         )
     prefix = layers_prefix(model)
     groups = [(idx, g) for idx, g in enumerate(model.model.layers) if isinstance(g, ParallelGroup)]
     if len(groups) != len(cqil["plan"]["groups"]):
-        raise ValueError(
+        raise ModelError(
             f"fold: found {len(groups)} cqil.rewrite.group modules for the {len(cqil['plan']['groups'])} groups "
             "of the plan (a model loaded with trust_remote_code has its own copies of the group classes; "
             "load it with cqil.load_export instead)"
@@ -192,7 +193,7 @@ def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str,
         where = f"group {list(group.original_indices)} ({prefix}.{idx})"
         gates = group.gate_matrix()
         if gates is not None and not bool((gates == 1).all()):
-            raise ValueError(
+            raise ModelError(
                 f"cannot fold {where}: its gates are not all 1 (min {gates.min().item():.4g}, "
                 f"max {gates.max().item():.4g}); fold needs lp gates at 1"
             )

@@ -20,13 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe value that cannot be used; the message names the file and the dotted key."""
-
-    def __init__(self, source: str, path: str, message: str) -> None:
-        self.source, self.path = source, path
-        super().__init__(f"{source}: {path or '<root>'}: {message}")
+from cqil.errors import RecipeError
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", **checks: Any) -> Any:

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cqil.errors import CqilError
 from cqil.files import check_out_dir, write_atomic
 from cqil.rewrite.group import BYPASS_MODES, BranchGroup, effective_layers
 from cqil.rewrite.plan import GroupPlan
@@ -69,7 +70,7 @@ OBJECTIVES = ("kl", "ppl")
 BUDGETS = ("target_depth", "speedup", "max_ppl_increase")  # search_plan takes exactly one
 
 
-class BudgetError(ValueError):
+class BudgetError(CqilError, ValueError):
     """A budget that no plan can meet; ``budget`` names it (``target_depth``, ``speedup``, ...)."""
 
     def __init__(self, budget: str, value, reason: str) -> None:

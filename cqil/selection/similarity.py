@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cqil.errors import PlanError
 from cqil.evaluation.metrics import perplexity
 from cqil.files import check_out_dir, write_atomic
 from cqil.recovery.data import calibration_tokens
@@ -205,7 +206,7 @@ def analyze(
         _check_budget(count, degree, num_layers)
     unknown = [mode for mode in bypass_modes if mode not in BYPASS_MODES]
     if unknown:
-        raise ValueError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
+        raise PlanError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
 
     out_dir = check_out_dir(out_dir, overwrite)  # a non-empty folder only when told to
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,11 +256,11 @@ def analyze(
 
 def _check_budget(num_groups: int, degree: int, num_layers: int) -> None:
     if degree < 2:
-        raise ValueError(f"degree must be at least 2 (layers per group), got {degree}")
+        raise PlanError(f"degree must be at least 2 (layers per group), got {degree}")
     if num_groups < 1:
-        raise ValueError(f"the number of groups must be at least 1, got {num_groups}")
+        raise PlanError(f"the number of groups must be at least 1, got {num_groups}")
     if num_groups * degree > num_layers:
-        raise ValueError(
+        raise PlanError(
             f"{num_groups} groups of {degree} layers need {num_groups * degree} layers "
             f"but the model has {num_layers}"
         )
