@@ -62,8 +62,7 @@ DEFAULT_GROUPS = {"tiny": "2-6:2"}
 def build(args):
     """The benchmarked model, loaded fresh, in training mode."""
     if args.model == "tiny":
-        sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-        from tiny import build_tiny
+        from cqil.testing import build_tiny
 
         return build_tiny().train()
     from cqil.pretrained import load_model

@@ -24,8 +24,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import VOCAB, make_model
-from tiny_text import make_tokenizer
 
 import cqil
 from cqil.export.load import load_export
@@ -39,6 +37,7 @@ from cqil.serving.concurrent import (
     shard_model,
 )
 from cqil.serving.serve import main as serve_main
+from cqil.testing import VOCAB, make_model, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 6

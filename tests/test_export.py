@@ -23,9 +23,7 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from conftest import ARCHS, VOCAB, make_model
 from safetensors.torch import load_file, save_file
-from tiny_text import make_tokenizer
 
 import cqil
 from cqil.cli.export import add_export_parser
@@ -33,6 +31,7 @@ from cqil.export.hub import push_to_hub
 from cqil.export.load import check_export, load_export
 from cqil.export.write import export_model
 from cqil.rewrite.group import BranchGroup, MergedGroup
+from cqil.testing import ARCHS, VOCAB, make_model, make_tokenizer
 
 PLAN = [[1, 2, 3], [4, 5]]  # a triple (cqil distance 2 reaches two branches back) and a pair
 # (bypass, form, gate_shape): every bypass mode in both forms, channel gates in some.

@@ -7,8 +7,6 @@ the input ids, and the losses of ``cqil.recovery.losses`` on both models' whole-
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +14,7 @@ import torch
 from cqil.recovery.losses import hidden_loss, kd_loss, lm_loss
 from cqil.recovery.trainer import RecoveryModel
 from cqil.rewrite.surgery import parallelize, trainable_parameters
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_model  # noqa: E402
+from cqil.testing import make_model
 
 GROUPS = [[2, 3], [5, 6]]  # not ending at the last layer, whose hidden state HF returns normed
 

@@ -10,15 +10,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, make_model
-from tiny_text import SENTENCES, SOURCES, make_tokenizer, write_corpus, write_task
 
 import cqil
 from cqil.cli import main as cli_main
+from cqil.evaluation.evaluate import evaluate
 from cqil.evaluation.metrics import (
     LOCAL_TASKS,
     UnknownTaskError,
-    evaluate,
     lm_eval_tasks,
     measure_latency,
     perplexity,
@@ -28,6 +26,7 @@ from cqil.evaluation.report import gap_closed, headline, read_history, write_rep
 from cqil.export.load import load_export
 from cqil.export.write import export_model
 from cqil.recovery.data import heldout_blocks
+from cqil.testing import SENTENCES, SOURCES, VOCAB, make_model, make_tokenizer, write_corpus, write_task
 
 PLAN = "2-6:2"
 

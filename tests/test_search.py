@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import VOCAB, make_model
-from tiny_text import make_tokenizer, write_corpus
 
 import cqil
 from cqil.cli import main
@@ -28,6 +26,7 @@ from cqil.selection.search import (
     write_report,
 )
 from cqil.selection.similarity import analyze, format_group_ranking
+from cqil.testing import VOCAB, make_model, make_tokenizer, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = 4  # the planted layer

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import cqil
 from cqil.rewrite.group import BranchGroup, MergedGroup, ParallelGroup
+from cqil.testing import make_model
 
 PLAN = [[1, 2, 3], [4, 5]]  # a triple (exercises cqil distances) and a pair
 BYPASS = [("lp", 1), ("none", 1), ("cqil", 1), ("cqil", 2)]

@@ -7,12 +7,12 @@ import copy
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cqil.evaluation.report import headline  # noqa: E402
 from cqil.export.load import load_export
 from cqil.recovery.recipe import RecipeError, recipe_from_dict
 from cqil.recovery.trainer import (
@@ -28,12 +28,7 @@ from cqil.recovery.trainer import (
 from cqil.rewrite.coalescing import coalesce
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import parallelize, trainable_parameters
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_model  # noqa: E402
-from tiny_text import make_tokenizer, write_corpus, write_task  # noqa: E402
-
-from cqil.evaluation.report import headline  # noqa: E402
+from cqil.testing import make_model, make_tokenizer, write_corpus, write_task
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,9 @@ groups' positions, and the teacher, losses, data, evaluation and checkpoints are
 run on the same plan, so the two runs compare like for like. The untrained coalesced model's
 perplexity is stored under the key ``"parallelized"`` (the "before training" slot of every report;
 ``eval.json`` says ``"mode": "coalesce"``), and the export is a plain Hugging Face folder.
+
+This module is longer than 500 lines because it still holds the whole trainer (model wrapper,
+loop, checkpoints, evaluation and export of a run); a split into those parts is planned.
 """
 
 from __future__ import annotations
