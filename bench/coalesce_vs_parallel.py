@@ -33,10 +33,10 @@ import torch
 from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
-from cqil.coalescing import coalesce
-from cqil.data import calibration_tokens
-from cqil.evaluation import perplexity
+from cqil.evaluation.metrics import perplexity
 from cqil.pretrained import load_model
+from cqil.recovery.data import calibration_tokens
+from cqil.rewrite.coalescing import coalesce
 
 DEFAULT_PLANS = {
     "smollm2-135m": ["20-24:2", "20-28:2", "16-28:2", "10-22:2"],

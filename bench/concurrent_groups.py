@@ -3,7 +3,7 @@
 Five variants, timed in one run, interleaved, on the same prompt:
 
   (a) original     the original sequential model, one process, one thread;
-  (b) concurrent   the parallelized model sharded by cqil.concurrent over 2 ranks, one thread each
+  (b) concurrent   the parallelized model sharded by cqil.serving.concurrent over 2 ranks, one thread each
                    (rank r computes branch r of every group; everything else is replicated);
   (c) threads      the original model, one process, 2 threads;
   (d) tensor       the original model, tensor-parallel over 2 ranks, one thread each: Megatron-style
@@ -13,7 +13,7 @@ Five variants, timed in one run, interleaved, on the same prompt:
                    Parallelism's own setting, what the groups add on top of tensor parallelism.
 
 On one CPU host, (b), (d) and (e) keep one copy of their replicated weights in shared memory (see
-cqil.concurrent.share_weights): with a private copy per rank, two ranks streaming the same layers
+cqil.serving.concurrent.share_weights): with a private copy per rank, two ranks streaming the same layers
 contend for the memory bus and cache and decode no faster than one.
 
 Phases: prefill (one forward of 1 x --prefill-len tokens with the KV cache, last-position logits, as
@@ -60,8 +60,8 @@ from torch import nn
 
 import cqil
 from cqil._compat import cache_kwargs, output_cache
-from cqil.concurrent import Communicator, GroupShard, make_communicator, shard_model, share_weights
 from cqil.pretrained import load_model
+from cqil.serving.concurrent import Communicator, GroupShard, make_communicator, shard_model, share_weights
 
 # Central layers, where consecutive layers' inputs are most alike: the plans a recovery would pick.
 PLANS = {
@@ -124,7 +124,7 @@ def tensor_parallel_split(config, world_size: int) -> tuple[list[int], list[int]
 def shard_tensor_parallel(model: nn.Module, comm: Communicator) -> nn.Module:
     """Tensor-parallel decoder layers, in place: this rank's slices of every plain decoder layer.
 
-    Group shards (:class:`~cqil.concurrent.GroupShard`) are left as they are, so a sharded parallelized
+    Group shards (:class:`~cqil.serving.concurrent.GroupShard`) are left as they are, so a sharded parallelized
     model becomes the hybrid (e): groups concurrent, every other layer tensor-parallel.
     """
     config = model.config

@@ -31,18 +31,18 @@ import torch
 from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
-from cqil import evaluation
+from cqil.evaluation import metrics
 from cqil.pretrained import load_model
 
 DEFAULT_PLANS = {"smollm2-135m": "10-22:2", "tiny": "2-6:2"}
 
 
 def time_prefill(model, ids: torch.Tensor) -> float:
-    return evaluation.time_prefill(model, ids) * 1e3
+    return metrics.time_prefill(model, ids) * 1e3
 
 
 def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    return evaluation.time_decode(model, prompt, new_tokens) * 1e3
+    return metrics.time_decode(model, prompt, new_tokens) * 1e3
 
 
 def main() -> None:

@@ -3,11 +3,11 @@
 For each number K of pairs (default 2, 4 and 6 on SmolLM2-135M), three ways to choose which
 layers run as K parallel pairs (degree 2), all on the same calibration tokens (the first
 sequences of data/sample/train.jsonl.gz):
-  searched    cqil.search.search_plan: per-pair costs measured once, then a beam search over
+  searched    cqil.selection.search.search_plan: per-pair costs measured once, then a beam search over
               pairs anywhere in the model, every combination measured (calibration KL);
   scan        every single contiguous range of 2K layers cut into K pairs, each measured
               (calibration KL), the best one kept;
-  similarity  cqil.similarity.suggest_plan: the contiguous range whose pairs' inputs are the
+  similarity  cqil.selection.similarity.suggest_plan: the contiguous range whose pairs' inputs are the
               most similar (no plan is run; one pass with hooks).
 Each plan is then parallelized for real (cqil.parallelize, merged form, gates at the bypass
 mode's G) and its perplexity measured on held-out text (data/sample/heldout.jsonl.gz), which
@@ -39,11 +39,11 @@ import torch
 from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
-from cqil.data import calibration_tokens
-from cqil.evaluation import perplexity
+from cqil.evaluation.metrics import perplexity
 from cqil.pretrained import load_model
-from cqil.search import measure_plans, search_plan
-from cqil.similarity import layer_input_similarity, suggest_plan
+from cqil.recovery.data import calibration_tokens
+from cqil.selection.search import measure_plans, search_plan
+from cqil.selection.similarity import layer_input_similarity, suggest_plan
 
 DEFAULT_PAIRS = {"smollm2-135m": [2, 4, 6], "tiny": [1, 2]}
 

@@ -1,12 +1,12 @@
 """One recovery training step three ways, on the same model, plan and batch: tokens/s and peak memory.
 
-* ``ours``: :class:`cqil.trainer.RecoveryModel` as the trainer runs it: the teacher's own weights are
+* ``ours``: :class:`cqil.recovery.trainer.RecoveryModel` as the trainer runs it: the teacher's own weights are
   the grouped region's original layers only, the layers before the first group run once for both,
   the teacher runs under no_grad, and the KD loss comes straight from the final hidden states a
-  chunk of tokens at a time (:func:`cqil.losses.head_losses`);
+  chunk of tokens at a time (:func:`cqil.recovery.losses.head_losses`);
 * ``naive``: the same losses the straightforward way: the teacher is a separate full copy of the
   original model run from the input ids under no_grad (no shared prefix, no shared weights), and
-  :func:`cqil.losses.kd_loss` reads both models' whole-batch logits;
+  :func:`cqil.recovery.losses.kd_loss` reads both models' whole-batch logits;
 * ``cqil_style``: the CQIL paper's recovery as ``recipes/cqil_style.yaml`` runs it in this trainer:
   LoRA r=32 on every linear layer of every layer, the teacher is the whole model with the adapters
   (and the rewrite) switched off, one full forward each plus backward through the whole depth. The
@@ -62,8 +62,7 @@ DEFAULT_GROUPS = {"tiny": "2-6:2"}
 def build(args):
     """The benchmarked model, loaded fresh, in training mode."""
     if args.model == "tiny":
-        sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-        from tiny import build_tiny
+        from cqil.testing import build_tiny
 
         return build_tiny().train()
     from cqil.pretrained import load_model
@@ -74,11 +73,11 @@ def build(args):
 
 def make_step(args, variant):
     """(model, step): ``step(input_ids)`` runs forward, backward and the optimizer and returns the loss."""
-    from cqil.losses import kd_loss, lm_loss
-    from cqil.plan import GroupPlan
-    from cqil.recipe import LoraConfig
-    from cqil.surgery import parallelize, trainable_parameters
-    from cqil.trainer import RecoveryModel, apply_lora
+    from cqil.recovery.losses import kd_loss, lm_loss
+    from cqil.recovery.recipe import LoraConfig
+    from cqil.recovery.trainer import RecoveryModel, apply_lora
+    from cqil.rewrite.plan import GroupPlan
+    from cqil.rewrite.surgery import parallelize, trainable_parameters
 
     torch.manual_seed(0)
     model = build(args)
@@ -175,7 +174,7 @@ def worker(args) -> None:
     """One variant: build, warm up, then one timed step per ``step`` line on stdin, one JSON line each."""
     import peft  # noqa: F401  (imported here so that the runtime's memory below counts it)
 
-    import cqil.trainer  # noqa: F401
+    import cqil.recovery.trainer  # noqa: F401
 
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -237,7 +236,7 @@ def flops_per_token(args) -> dict:
     """Matmul GFLOP per token of each variant's step, by part (attention scores and norms ignored)."""
     from transformers import AutoConfig
 
-    from cqil.plan import GroupPlan
+    from cqil.rewrite.plan import GroupPlan
 
     if args.model == "tiny":
         cfg = build(args).config

@@ -12,22 +12,22 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GroupPlan": "cqil.plan",
-    "parallelize": "cqil.surgery",
-    "trainable_parameters": "cqil.surgery",
-    "analyze": "cqil.similarity",
+    "GroupPlan": "cqil.rewrite.plan",
+    "parallelize": "cqil.rewrite.surgery",
+    "trainable_parameters": "cqil.rewrite.surgery",
+    "analyze": "cqil.selection.similarity",
     "load_model": "cqil.pretrained",
     "fetch_model": "cqil.pretrained",
-    "coalesce": "cqil.coalescing",
-    "decoalesce": "cqil.coalescing",
-    "interpolate": "cqil.coalescing",
-    "export_model": "cqil.export",
-    "load_export": "cqil.export",
-    "push_to_hub": "cqil.export",
-    "search_plan": "cqil.search",
-    "evaluate": "cqil.evaluation",
-    "write_report": "cqil.report",
-    "shard_model": "cqil.concurrent",
+    "coalesce": "cqil.rewrite.coalescing",
+    "decoalesce": "cqil.rewrite.coalescing",
+    "interpolate": "cqil.rewrite.coalescing",
+    "export_model": "cqil.export.write",
+    "load_export": "cqil.export.load",
+    "push_to_hub": "cqil.export.hub",
+    "search_plan": "cqil.selection.search",
+    "evaluate": "cqil.evaluation.evaluate",
+    "write_report": "cqil.evaluation.report",
+    "shard_model": "cqil.serving.concurrent",
 }
 
 __all__ = [
@@ -50,16 +50,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from cqil.coalescing import coalesce, decoalesce, interpolate
-    from cqil.concurrent import shard_model
-    from cqil.evaluation import evaluate
-    from cqil.export import export_model, load_export, push_to_hub
-    from cqil.plan import GroupPlan
+    from cqil.evaluation.evaluate import evaluate
+    from cqil.evaluation.report import write_report
+    from cqil.export.hub import push_to_hub
+    from cqil.export.load import load_export
+    from cqil.export.write import export_model
     from cqil.pretrained import fetch_model, load_model
-    from cqil.report import write_report
-    from cqil.search import search_plan
-    from cqil.similarity import analyze
-    from cqil.surgery import parallelize, trainable_parameters
+    from cqil.rewrite.coalescing import coalesce, decoalesce, interpolate
+    from cqil.rewrite.plan import GroupPlan
+    from cqil.rewrite.surgery import parallelize, trainable_parameters
+    from cqil.selection.search import search_plan
+    from cqil.selection.similarity import analyze
+    from cqil.serving.concurrent import shard_model
 
 
 def __getattr__(name: str):

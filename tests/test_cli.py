@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_model
-from tiny_text import make_tokenizer, write_corpus
 
 from cqil.cli import main
+from cqil.testing import make_model, make_tokenizer, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Depth coalesce / de-coalesce / interpolate (cqil.coalescing) on tiny models of every architecture."""
+"""Depth coalesce / de-coalesce / interpolate (cqil.rewrite.coalescing) on tiny models of every architecture."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import cqil
-from cqil.coalescing import coalesce, decoalesce, interpolate
+from cqil.rewrite.coalescing import coalesce, decoalesce, interpolate
+from cqil.testing import VOCAB, make_model
 
 PLAN = [[1, 2, 3], [4, 5]]  # a triple and a pair; layers 0, 6, 7 stay as they are
 SINGLETONS = [[i] for i in range(8)]

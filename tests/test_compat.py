@@ -7,12 +7,12 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from conftest import make_model
 from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from cqil import _compat
-from cqil.group import take_cache
+from cqil.rewrite.group import take_cache
+from cqil.testing import make_model
 
 
 def test_cache_argument_is_the_one_transformers_layers_take():

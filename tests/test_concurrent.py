@@ -5,7 +5,7 @@ logits and greedy tokens, shards it, and computes them again; the ranks write wh
 and this process asserts. Cases cover every bypass mode (lp with gates at 1 and trained away from 1,
 none, cqil with distance 1 and 2), both forms, both transports (torch.distributed's gloo and shared
 memory), groups smaller than the world (an idle rank) and a triple, single-layer groups, padding,
-and the errors. Plus ``cqil.serve`` under torchrun on a tiny export and ``bench/concurrent_groups.py --tiny``.
+and the errors. Plus ``cqil.serving.serve`` under torchrun on a tiny export and ``bench/concurrent_groups.py --tiny``.
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import VOCAB, make_model
-from tiny_text import make_tokenizer
 
 import cqil
-from cqil.concurrent import (
+from cqil.export.load import load_export
+from cqil.export.write import export_model
+from cqil.rewrite.group import ParallelGroup
+from cqil.serving.concurrent import (
     GroupShard,
     check_world_size,
     generate_greedy,
     make_communicator,
     shard_model,
 )
-from cqil.export import export_model, load_export
-from cqil.group import ParallelGroup
-from cqil.serve import main as serve_main
+from cqil.serving.serve import main as serve_main
+from cqil.testing import VOCAB, make_model, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 6
@@ -316,7 +316,7 @@ def test_serve_prints_what_the_whole_model_generates(export):
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "cqil.serve", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", str(NEW_TOKENS),
+        "-m", "cqil.serving.serve", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", str(NEW_TOKENS),
     ]  # fmt: skip
     proc = run_command(cmd, env)
     assert proc.returncode == 0, proc.stderr[-4000:]

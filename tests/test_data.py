@@ -1,4 +1,4 @@
-"""cqil.data on small files written to tmp_path, with a word-level tokenizer built locally."""
+"""cqil.recovery.data on small files written to tmp_path, with a word-level tokenizer built locally."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from cqil.data import calibration_tokens, expand_paths, iter_records, pack_tokens
+from cqil.recovery.data import calibration_tokens, expand_paths, iter_records, pack_tokens
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 SOURCES = {"RedPajamaWikipedia", "RedPajamaBook", "RedPajamaGithub"}
@@ -212,7 +212,7 @@ def stream_docs(n: int = 200) -> list[dict]:
 
 
 def test_heldout_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
-    from cqil.data import TokenStream, heldout_tokens, in_heldout
+    from cqil.recovery.data import TokenStream, heldout_tokens, in_heldout
 
     path = write_jsonl(tmp_path / "d.jsonl", stream_docs())
     texts = [t for t, _ in iter_records(path)]
@@ -227,7 +227,7 @@ def test_heldout_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
 
 
 def test_stream_mixture_sharding_and_exact_resume(tmp_path, tokenizer):
-    from cqil.data import TokenStream
+    from cqil.recovery.data import TokenStream
 
     path = write_jsonl(tmp_path / "d.jsonl", stream_docs())
     kw = dict(seq_len=8, mixture={"RedPajamaBook": 3.0, "RedPajamaGithub": 1.0}, seed=5)
@@ -254,7 +254,7 @@ def test_stream_mixture_sharding_and_exact_resume(tmp_path, tokenizer):
 
 
 def test_stream_source_without_documents_is_named(tmp_path, tokenizer):
-    from cqil.data import TokenStream
+    from cqil.recovery.data import TokenStream
 
     path = write_jsonl(tmp_path / "d.jsonl", stream_docs(10))
     stream = TokenStream(tokenizer, [path], seq_len=4, mixture={"RedPajamaArXiv": 1.0})

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_model  # noqa: E402
-from tiny_text import make_tokenizer, write_corpus  # noqa: E402
+from cqil.testing import make_model, make_tokenizer, write_corpus
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

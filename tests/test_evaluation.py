@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_model
 
-from cqil.evaluation import perplexity
+from cqil.evaluation.metrics import perplexity
+from cqil.testing import VOCAB, make_model
 
 
 def test_perplexity_matches_transformers_loss():

@@ -23,14 +23,15 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from conftest import ARCHS, VOCAB, make_model
 from safetensors.torch import load_file, save_file
-from tiny_text import make_tokenizer
 
 import cqil
-from cqil.export import check_export, export_model, load_export, push_to_hub
-from cqil.export_cli import add_export_parser
-from cqil.group import BranchGroup, MergedGroup
+from cqil.cli.export import add_export_parser
+from cqil.export.hub import push_to_hub
+from cqil.export.load import check_export, load_export
+from cqil.export.write import export_model
+from cqil.rewrite.group import BranchGroup, MergedGroup
+from cqil.testing import ARCHS, VOCAB, make_model, make_tokenizer
 
 PLAN = [[1, 2, 3], [4, 5]]  # a triple (cqil distance 2 reaches two branches back) and a pair
 # (bypass, form, gate_shape): every bypass mode in both forms, channel gates in some.
@@ -299,14 +300,14 @@ def test_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path):
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
-    import cqil.export
+    import cqil.export.write
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
     model = parallel_model("llama")
     previous = export_model(model, tmp_path / "previous")
-    monkeypatch.setattr(cqil.export, "_save_weights", disk_full)
+    monkeypatch.setattr(cqil.export.write, "_save_weights", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_model(model, tmp_path / "new")
     with pytest.raises(OSError, match="No space left"):
@@ -596,7 +597,7 @@ def test_push_refuses_a_folder_that_is_not_an_export(fake_hub, tmp_path):
 
 
 def test_group_classes_in_the_export_are_the_package_ones():
-    # cqil_group.py ships cqil/group.py verbatim; in the package it is the same module.
+    # cqil_group.py ships cqil/rewrite/group.py verbatim; in the package it is the same module.
     from cqil.modeling import cqil_group
 
     assert cqil_group.MergedGroup is MergedGroup and cqil_group.BranchGroup is BranchGroup

@@ -1,4 +1,4 @@
-"""cqil.losses against their definitions, computed by hand."""
+"""cqil.recovery.losses against their definitions, computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cqil.losses import head_losses, hidden_loss, kd_loss, lm_loss
+from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss
 
 
 def test_lm_loss_is_next_token_cross_entropy():

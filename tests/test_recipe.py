@@ -1,4 +1,4 @@
-"""cqil.recipe: every shipped recipe loads; every bad key, type or range names its file and dotted path."""
+"""cqil.recovery.recipe: every shipped recipe loads; every bad key, type or range names its file and dotted path."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cqil.recipe import Recipe, RecipeError, field_docs, load_recipe, recipe_from_dict, recipe_to_dict
+from cqil.recovery.recipe import (
+    Recipe,
+    RecipeError,
+    field_docs,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+)
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 REQUIRED_KEYS = [

@@ -1,24 +1,20 @@
 """RecoveryModel's optimized step against the straightforward computation: same losses, same gradients.
 
 The reference is the naive step: the teacher as a separate full copy of the original model run from
-the input ids, and the losses of ``cqil.losses`` on both models' whole-batch logits.
+the input ids, and the losses of ``cqil.recovery.losses`` on both models' whole-batch logits.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from cqil.losses import hidden_loss, kd_loss, lm_loss
-from cqil.surgery import parallelize, trainable_parameters
-from cqil.trainer import RecoveryModel
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_model  # noqa: E402
+from cqil.recovery.losses import hidden_loss, kd_loss, lm_loss
+from cqil.recovery.trainer import RecoveryModel
+from cqil.rewrite.surgery import parallelize, trainable_parameters
+from cqil.testing import make_model
 
 GROUPS = [[2, 3], [5, 6]]  # not ending at the last layer, whose hidden state HF returns normed
 

@@ -10,23 +10,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, make_model
-from tiny_text import SENTENCES, SOURCES, make_tokenizer, write_corpus, write_task
 
 import cqil
 from cqil.cli import main as cli_main
-from cqil.data import heldout_blocks
-from cqil.evaluation import (
+from cqil.evaluation.evaluate import evaluate
+from cqil.evaluation.metrics import (
     LOCAL_TASKS,
     UnknownTaskError,
-    evaluate,
     lm_eval_tasks,
     measure_latency,
     perplexity,
     task_manager,
 )
-from cqil.export import export_model, load_export
-from cqil.report import gap_closed, headline, read_history, write_report
+from cqil.evaluation.report import gap_closed, headline, read_history, write_report
+from cqil.export.load import load_export
+from cqil.export.write import export_model
+from cqil.recovery.data import heldout_blocks
+from cqil.testing import SENTENCES, SOURCES, VOCAB, make_model, make_tokenizer, write_corpus, write_task
 
 PLAN = "2-6:2"
 
@@ -214,12 +214,12 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
 
 
 def test_a_failed_report_leaves_nothing_behind(tmp_path, monkeypatch):
-    import cqil.report
+    import cqil.evaluation.report
 
     def broken(*args, **kwargs):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(cqil.report, "perplexity_png", broken)
+    monkeypatch.setattr(cqil.evaluation.report, "perplexity_png", broken)
     with pytest.raises(RuntimeError, match="plotting failed"):
         write_report(_report(), tmp_path / "report")
     assert list(tmp_path.iterdir()) == []
@@ -368,7 +368,7 @@ def test_cli_evaluate_bad_input_is_one_line_and_writes_nothing(case, match, expo
 def test_update_model_card_embeds_the_report(exported, tmp_path):
     import shutil
 
-    from cqil.export import update_model_card
+    from cqil.export.card import update_model_card
 
     root, recovered = exported
     folder = tmp_path / "model"

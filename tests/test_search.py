@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import VOCAB, make_model
-from tiny_text import make_tokenizer, write_corpus
 
 import cqil
 from cqil.cli import main
-from cqil.evaluation import perplexity
-from cqil.search import (
+from cqil.evaluation.metrics import perplexity
+from cqil.selection.search import (
     BudgetError,
     estimate_speedup,
     measure_plans,
@@ -27,7 +25,8 @@ from cqil.search import (
     search_plan,
     write_report,
 )
-from cqil.similarity import analyze, format_group_ranking
+from cqil.selection.similarity import analyze, format_group_ranking
+from cqil.testing import VOCAB, make_model, make_tokenizer, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = 4  # the planted layer

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_model
-from tiny_text import make_tokenizer, write_corpus
 
-from cqil.plan import GroupPlan
-from cqil.similarity import analyze, layer_input_similarity, rank_ranges, suggest_plan
+from cqil.rewrite.plan import GroupPlan
+from cqil.selection.similarity import analyze, layer_input_similarity, rank_ranges, suggest_plan
+from cqil.testing import VOCAB, make_model, make_tokenizer, write_corpus
 
 
 def test_layer_input_similarity_is_a_cosine_matrix():

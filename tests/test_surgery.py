@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import cqil
 from cqil._compat import cache_kwargs
-from cqil.group import BranchGroup, MergedGroup, ParallelGroup
+from cqil.rewrite.group import BranchGroup, MergedGroup, ParallelGroup
+from cqil.testing import make_model
 
 PLAN = [[1, 2, 3], [4, 5]]  # a triple (exercises cqil distances) and a pair
 BYPASS = [("lp", 1), ("none", 1), ("cqil", 1), ("cqil", 2)]
@@ -101,7 +101,7 @@ def test_learned_gates_enter_the_formula(gate_shape, input_ids):
     torch.manual_seed(3)
     gates = {}
     with torch.no_grad():
-        for group in cqil.surgery.parallel_groups(par):
+        for group in cqil.rewrite.surgery.parallel_groups(par):
             group.gates.copy_(torch.randn_like(group.gates))
             gates[group.original_indices] = group.gate_matrix()
         expected = reference_logits(model, PLAN, gates, input_ids)
@@ -172,7 +172,9 @@ def test_merged_equals_branches_with_perturbed_gates(arch, bypass, distance, gat
         torch.manual_seed(5)
         with torch.no_grad():
             for gm, gb in zip(
-                cqil.surgery.parallel_groups(merged), cqil.surgery.parallel_groups(branches), strict=True
+                cqil.rewrite.surgery.parallel_groups(merged),
+                cqil.rewrite.surgery.parallel_groups(branches),
+                strict=True,
             ):
                 gm.gates.copy_(gm.gates + 0.5 * torch.randn_like(gm.gates))
                 gb.gates.copy_(gm.gates)
@@ -275,7 +277,7 @@ def test_trainable_parameters_are_exactly_the_groups(arch):
 
 def test_gates_start_at_the_mode_values():
     par = parallel(make_model("llama"), [[0, 1, 2, 3]], bypass="cqil", bypass_distance=2)
-    g = cqil.surgery.gate_values(par)[0]
+    g = cqil.rewrite.surgery.gate_values(par)[0]
     assert torch.equal(g, expected_gates("cqil", 2, 4) + torch.eye(4))
     assert isinstance(par.model.layers[0].gates, torch.nn.Parameter)
     fixed = parallel(make_model("llama"), [[0, 1]], bypass="lp", gates="fixed")

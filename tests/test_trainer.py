@@ -1,4 +1,4 @@
-"""cqil.trainer on tiny local models, in one process: the shared-prefix teacher, what trains, the
+"""cqil.recovery.trainer on tiny local models, in one process: the shared-prefix teacher, what trains, the
 optimizer state, exact resume, preemption and non-finite losses; the same in coalesce mode."""
 
 from __future__ import annotations
@@ -7,18 +7,15 @@ import copy
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from cqil.coalescing import coalesce
-from cqil.export import load_export
-from cqil.plan import GroupPlan
-from cqil.recipe import RecipeError, recipe_from_dict
-from cqil.surgery import parallelize, trainable_parameters
-from cqil.trainer import (
+from cqil.evaluation.report import headline  # noqa: E402
+from cqil.export.load import load_export
+from cqil.recovery.recipe import RecipeError, recipe_from_dict
+from cqil.recovery.trainer import (
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
     RecoveryModel,
@@ -28,12 +25,10 @@ from cqil.trainer import (
     run,
     state_digest,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_model  # noqa: E402
-from tiny_text import make_tokenizer, write_corpus, write_task  # noqa: E402
-
-from cqil.report import headline  # noqa: E402
+from cqil.rewrite.coalescing import coalesce
+from cqil.rewrite.plan import GroupPlan
+from cqil.rewrite.surgery import parallelize, trainable_parameters
+from cqil.testing import make_model, make_tokenizer, write_corpus, write_task
 
 
 @pytest.fixture(autouse=True)
@@ -272,7 +267,7 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_with_its_code(tiny_model_dir, tmp_path, monkeypatch):
-    from cqil import data
+    from cqil.recovery import data
 
     calls = {"n": 0}
     original = data.TokenStream.next_batch
@@ -429,19 +424,19 @@ def test_auto_groups_search_the_plan_once_and_record_it(tiny_model_dir, tmp_path
     assert saved["steps"] == 3
 
     # A second run on the same folder (a resume, or a longer run) reuses the recorded plan.
-    import cqil.search
+    import cqil.selection.search
 
     def no_search(*args, **kwargs):
         raise AssertionError("the plan was searched again")
 
-    monkeypatch.setattr(cqil.search, "search_plan", no_search)
+    monkeypatch.setattr(cqil.selection.search, "search_plan", no_search)
     assert run(tiny_recipe(tiny_model_dir, out, auto, max_steps=4)) == 0
     again = json.loads((out / "eval.json").read_text())
     assert again["plan"] == saved["plan"] and again["plan_search"]["reused"] and again["steps"] == 4
 
 
 def test_auto_groups_budget_error_names_the_budget(tiny_model_dir, tmp_path):
-    from cqil.recipe import RecipeError
+    from cqil.recovery.recipe import RecipeError
 
     auto = {"groups": "auto", "search": {"degree": 2, "target_depth": 3, "num_sequences": 2}}
     with pytest.raises(RecipeError, match="shallowest depth") as caught:

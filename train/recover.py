@@ -1,15 +1,16 @@
 """Recover a parallelized LLM: ``accelerate launch train/recover.py RECIPE.yaml [key=value ...]``.
 
-Runs the same under ``python``, ``accelerate launch`` (DDP or DeepSpeed) and ``torchrun``; all the
-logic is in :mod:`cqil.trainer`. Overrides use dotted keys and YAML values, e.g.
+Runs the same under ``python``, ``accelerate launch`` (DDP or DeepSpeed) and ``torchrun``; it is
+``cqil recover`` (:mod:`cqil.cli.recover`) as a script, and all the logic is in
+:mod:`cqil.recovery.trainer`. Overrides use dotted keys and YAML values, e.g.
 ``train.max_steps=50 'parallelize.groups=[[2,3],[4,5]]'``. Exit codes: 0 done, 75 preempted
 (SIGTERM/SIGUSR1, checkpoint written: run the same command again to resume), 3 non-finite loss.
 """
 
 import sys
 
-from cqil.recipe import RecipeError, load_recipe
-from cqil.trainer import run
+from cqil.cli.recover import load, recover
+from cqil.errors import RecipeError
 
 
 def main(argv: list[str]) -> int:
@@ -17,11 +18,11 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     try:
-        recipe = load_recipe(argv[0], argv[1:])
-    except (RecipeError, OSError) as e:
+        recipe = load(argv[0], argv[1:])
+    except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run(recipe, source=argv[0])
+    return recover(recipe, source=argv[0])
 
 
 if __name__ == "__main__":

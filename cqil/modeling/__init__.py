@@ -1,9 +1,9 @@
 """The exported model's code: :class:`CqilConfig` and :class:`CqilForCausalLM`.
 
 These modules are copied verbatim into every export folder (``configuration_cqil.py``,
-``modeling_cqil.py``, and ``cqil/group.py`` as ``cqil_group.py``) so that
+``modeling_cqil.py``, and ``cqil/rewrite/group.py`` as ``cqil_group.py``) so that
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works without cqil
-installed. Inside the package they are ordinary modules: :func:`cqil.export.load_export` loads an
+installed. Inside the package they are ordinary modules: :func:`cqil.export.load.load_export` loads an
 export with these classes directly, without remote code.
 """
 

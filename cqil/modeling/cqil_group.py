@@ -1,13 +1,13 @@
-"""Inside the package, the exported model's ``cqil_group`` module is :mod:`cqil.group` itself.
+"""Inside the package, the exported model's ``cqil_group`` module is :mod:`cqil.rewrite.group` itself.
 
-An export copies ``cqil/group.py`` verbatim next to ``modeling_cqil.py`` under the name
+An export copies ``cqil/rewrite/group.py`` verbatim next to ``modeling_cqil.py`` under the name
 ``cqil_group.py``; ``modeling_cqil.py`` imports it relatively (``from .cqil_group import ...``),
 which transformers' remote-code loader follows, copying the file along. Inside the package the same
 relative import lands here, so a model loaded with the package's classes holds the very classes of
-:mod:`cqil.group` and the ``isinstance`` checks of :mod:`cqil.surgery` keep working on it.
+:mod:`cqil.rewrite.group` and the ``isinstance`` checks of :mod:`cqil.rewrite.surgery` keep working on it.
 """
 
-from cqil.group import (
+from cqil.rewrite.group import (
     BranchGroup,
     MergedGroup,
     ParallelGroup,

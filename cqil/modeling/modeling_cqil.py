@@ -16,7 +16,7 @@ through transformers' auto classes (``AutoModel.from_config``: ``LlamaModel``, `
 Everything else — embeddings, masks, RoPE, the KV cache, the layer loop — is the base model's own
 forward, which this file calls and does not copy; the head (final projection and loss) is the few
 lines every ``*ForCausalLM`` of the Llama family shares. The group math lives in one place,
-``cqil/group.py``, shipped next to this file as ``cqil_group.py`` and imported relatively.
+``cqil/rewrite/group.py``, shipped next to this file as ``cqil_group.py`` and imported relatively.
 
 This file depends on transformers and torch only, so that it can be loaded as remote code.
 """

@@ -1,6 +1,6 @@
 """Rewrite a loaded transformers causal LM so that the layers of each planned group run in parallel.
 
-The surgery replaces entries of ``model.model.layers`` with :class:`~cqil.group.ParallelGroup`
+The surgery replaces entries of ``model.model.layers`` with :class:`~cqil.rewrite.group.ParallelGroup`
 modules (one per *effective* layer) and leaves everything else — embeddings, ungrouped layers,
 final norm, LM head, the model class itself — untouched. The plan and options are recorded in
 ``model.config.cqil`` so that an export can rebuild the same model.
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cqil._compat import capture_hidden_states
-from cqil.group import (
+from cqil.rewrite.group import (
     BYPASS_MODES,
     FORMS,
     GATE_KINDS,
@@ -24,7 +24,7 @@ from cqil.group import (
     ParallelGroup,
     set_layer_idx,
 )
-from cqil.plan import GroupPlan
+from cqil.rewrite.plan import GroupPlan
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 

@@ -28,7 +28,7 @@ when it was not measured:
     ``{"device", "prefill_len", "new_tokens", "reps", "baseline", "models": {name: {"prefill_ms",
     "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s"}}, "speedup": {name:
     {"prefill", "decode"}}, "ideal"}``: batch-1 speed of the original and the recovered model measured
-    side by side (:func:`cqil.evaluation.measure_latency`); ``speedup`` is the original's time over
+    side by side (:func:`cqil.evaluation.metrics.measure_latency`); ``speedup`` is the original's time over
     the model's; ``ideal`` is L / L_eff.
 ``steps``, ``tokens_trained``
     optimizer steps and training tokens (all processes).
@@ -50,6 +50,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from cqil.files import check_out_dir, staged_folder
 
 SCHEMA_VERSION = 1
 STAGES = ("original", "parallelized", "recovered")
@@ -178,7 +180,7 @@ def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
             lines += [
                 f"Ideal speedup of the layer stack, L / L_eff: {latency['ideal']:.3f}× (on one device the "
                 "branches of a group still run one after another; the depth reduction pays off when they run "
-                "on separate devices, see `cqil.concurrent`).",
+                "on separate devices, see `cqil.serving.concurrent`).",
                 "",
             ]
     names = [p for p in report.get("plots", [])]
@@ -341,11 +343,7 @@ def write_report(
     written beside the target and renamed into place; an existing non-empty ``out_dir`` is refused
     unless ``overwrite``.
     """
-    from cqil.export import staged_folder
-
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out = check_out_dir(out_dir, overwrite)
     report = dict(report)
     pngs: dict[str, bytes] = {}
     groups = (report.get("plan") or {}).get("groups") or []

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from cqil.errors import DataError, DataNotFoundError
+
 PathLike = str | os.PathLike
 DEFAULT_SOURCE_FIELD = "meta.redpajama_set_name"
 _MAX_WARNINGS_PER_FILE = 5  # one warning per bad line would flood the log on a damaged shard
@@ -49,7 +51,7 @@ def expand_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
             elif match.is_file():
                 found.append(match)
         if not found:
-            raise FileNotFoundError(f"no JSONL or Parquet files found at {entry!r}")
+            raise DataNotFoundError(f"no JSONL or Parquet files found at {entry!r}")
         files += found
     return files
 
@@ -134,7 +136,7 @@ def _checked(origin, records, fields: list[str], text_field: str) -> Iterator[tu
     if bad > _MAX_WARNINGS_PER_FILE:
         warnings.warn(f"{origin}: {bad} bad lines skipped in total", stacklevel=3)
     if good == 0 or bad > good:
-        raise ValueError(f"{origin}: {good} usable records and {bad} bad lines; is it a JSONL text file?")
+        raise DataError(f"{origin}: {good} usable records and {bad} bad lines; is it a JSONL text file?")
 
 
 def pack_tokens(
@@ -147,10 +149,10 @@ def pack_tokens(
     for most packed corpora). Stops reading ``texts`` once ``max_sequences`` blocks are full.
     """
     if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+        raise DataError(f"seq_len must be positive, got {seq_len}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id to separate packed documents")
+        raise DataError("the tokenizer has no eos_token_id to separate packed documents")
     blocks: list[list[int]] = []
     buffer: list[int] = []
     texts = iter(texts)
@@ -190,7 +192,7 @@ def calibration_tokens(
     tokens = pack_tokens(tokenizer, texts, seq_len=seq_len, max_sequences=num_sequences)
     names = ", ".join(map(str, files))
     if tokens.shape[0] == 0:
-        raise ValueError(f"not enough text for one sequence of {seq_len} tokens in {names}")
+        raise DataError(f"not enough text for one sequence of {seq_len} tokens in {names}")
     if tokens.shape[0] < num_sequences:
         warnings.warn(
             f"only {tokens.shape[0]} of {num_sequences} sequences of {seq_len} tokens in {names}",
@@ -275,13 +277,13 @@ class TokenStream:
         hub_split: str = "train",
     ) -> None:
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token_id to separate packed documents")
+            raise DataError("the tokenizer has no eos_token_id to separate packed documents")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
+            raise DataError(f"rank {rank} is outside world size {world_size}")
         if split not in (None, "train", "heldout"):
-            raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
+            raise DataError(f"split must be None, 'train' or 'heldout', got {split!r}")
         if mixture is not None and not (any(w > 0 for w in mixture.values()) and min(mixture.values()) >= 0):
-            raise ValueError(f"mixture weights must be non-negative with a positive sum, got {mixture}")
+            raise DataError(f"mixture weights must be non-negative with a positive sum, got {mixture}")
         self.tokenizer, self.paths, self.seq_len = tokenizer, list(paths), seq_len
         self.rank, self.world_size = rank, world_size
         self.mixture = {k: float(w) for k, w in mixture.items() if w > 0} if mixture else None
@@ -319,7 +321,7 @@ class TokenStream:
                 yield text
             if empty:
                 what = f"source {source!r} (field {self.source_field})" if source else "any document"
-                raise ValueError(f"no {self.split or ''} text of {what} in {', '.join(map(str, self.paths))}")
+                raise DataError(f"no {self.split or ''} text of {what} in {', '.join(map(str, self.paths))}")
 
     def _next_document(self) -> str:
         if self.mixture is None:
@@ -369,7 +371,7 @@ class TokenStream:
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
-            raise ValueError(
+            raise DataError(
                 f"stream position was saved by rank {state['rank']} of {state['world_size']}, "
                 f"this is rank {self.rank} of {self.world_size}: resume with the same number of processes"
             )
@@ -420,7 +422,7 @@ def heldout_tokens(
     texts = (t for t, _ in records)
     tokens = pack_tokens(tokenizer, texts, seq_len=seq_len, max_sequences=num_sequences)
     if tokens.shape[0] == 0:
-        raise ValueError(f"not enough held-out text for one sequence of {seq_len} tokens in {where}")
+        raise DataError(f"not enough held-out text for one sequence of {seq_len} tokens in {where}")
     if tokens.shape[0] < num_sequences:
         warnings.warn(
             f"only {tokens.shape[0]} of {num_sequences} held-out sequences in {where}", stacklevel=2
@@ -474,7 +476,7 @@ def heldout_blocks(
         if full or n >= max_records:
             break
     if not texts:
-        raise ValueError(f"no held-out text in {where}")
+        raise DataError(f"no held-out text in {where}")
     share = -(-num_sequences // len(texts))
     tokens, sources = [], []
     for source, docs in texts.items():
@@ -488,5 +490,5 @@ def heldout_blocks(
         tokens.append(blocks)
         sources += [source] * blocks.shape[0]
     if not sources:
-        raise ValueError(f"not enough held-out text for one sequence of {seq_len} tokens in {where}")
+        raise DataError(f"not enough held-out text for one sequence of {seq_len} tokens in {where}")
     return torch.cat(tokens), sources

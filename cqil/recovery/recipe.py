@@ -20,13 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe value that cannot be used; the message names the file and the dotted key."""
-
-    def __init__(self, source: str, path: str, message: str) -> None:
-        self.source, self.path = source, path
-        super().__init__(f"{source}: {path or '<root>'}: {message}")
+from cqil.errors import RecipeError
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", **checks: Any) -> Any:
@@ -59,12 +53,12 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class PlanSearchConfig:
-    """How ``parallelize.groups: auto`` chooses the groups (:func:`cqil.search.search_plan`); one budget."""
+    """How ``parallelize.groups: auto`` chooses the groups (:func:`cqil.selection.search.search_plan`); one budget."""
 
     degree: int = _f(2, "layers per searched group", ge=2)
     target_depth: int | None = _f(None, "budget: the effective depth to reach exactly", ge=1)
     speedup: float | None = _f(
-        None, "budget: the least estimated speedup (latency model of cqil.search)", gt=1
+        None, "budget: the least estimated speedup (latency model of cqil.selection.search)", gt=1
     )
     max_ppl_increase: float | None = _f(
         None, "budget: the shallowest plan within this calibration perplexity rise, in percent", gt=0
@@ -272,7 +266,7 @@ class Recipe:
 
     def check(self, source: str) -> None:
         """Cross-field checks (raise :class:`RecipeError` naming the field)."""
-        from cqil.plan import GroupPlan
+        from cqil.rewrite.plan import GroupPlan
 
         if self.parallelize.groups != "auto":  # auto: chosen by the plan search once the model is loaded
             try:  # the syntax now; the layer range once the model is loaded

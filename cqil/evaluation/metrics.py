@@ -5,7 +5,7 @@
   name or the small local tasks shipped in ``data/tasks/`` (:data:`LOCAL_TASKS`);
 * :func:`measure_latency`: prefill and greedy-decode speed of several models, interleaved.
 
-:func:`cqil.report.write_report` turns their results into the run's report.
+:func:`cqil.evaluation.report.write_report` turns their results into the run's report.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cqil._compat import cache_kwargs, output_cache
+from cqil.errors import CqilError, DataNotFoundError
 
 # The local tasks built from the shipped held-out text (data/tasks/build_tasks.py); a source
 # checkout or an editable install finds them here.
-LOCAL_TASKS = Path(__file__).resolve().parents[1] / "data" / "tasks"
+LOCAL_TASKS = Path(__file__).resolve().parents[2] / "data" / "tasks"
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(CqilError, ValueError):
     """An lm-eval task name that no task folder defines."""
 
 
@@ -49,7 +50,7 @@ def perplexity(
     row (rows are independent, no sliding window). Returns ``{"ppl", "nll", "tokens"}`` where
     ``nll`` is the mean negative log-likelihood per predicted token (nats) and ``tokens``
     the number of predicted tokens, N * (T - 1). With ``sources`` (one name per row, as
-    :func:`cqil.data.heldout_blocks` gives), ``"by_source"`` maps each name to the same three
+    :func:`cqil.recovery.data.heldout_blocks` gives), ``"by_source"`` maps each name to the same three
     numbers over its rows.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -98,7 +99,7 @@ def task_manager(paths: Sequence[str | os.PathLike] = ()):
     include = [str(LOCAL_TASKS)] if LOCAL_TASKS.is_dir() else []
     for path in paths:
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"lm-eval task folder {path}: no such folder")
+            raise DataNotFoundError(f"lm-eval task folder {path}: no such folder")
         include.append(str(Path(path).resolve()))
     return _task_manager(tuple(include))
 
@@ -299,148 +300,3 @@ def measure_latency(
 
 
 # ---------------------------------------------------------------------------------------------- all of it
-
-
-def evaluate(
-    model,
-    *,
-    tokenizer=None,
-    original=None,
-    data: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    seq_len: int = 512,
-    num_sequences: int = 32,
-    batch_size: int = 4,
-    tasks: Sequence[str] = (),
-    task_paths: Sequence[str | os.PathLike] = (),
-    task_limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    latency: bool = True,
-    latency_reps: int = 3,
-    source_field: str | None = "meta.redpajama_set_name",
-    text_field: str = "text",
-    dtype: str | None = None,
-    device: str | torch.device | None = None,
-    out_dir: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Evaluate a recovered model (and, given ``original``, the original and the rewrite before training).
-
-    ``model``: a cqil export folder or a model rewritten by :func:`cqil.parallelize`. ``original``: the
-    original model (a name for :func:`cqil.load_model`, or the model itself); with it, the
-    ``parallelized`` stage is the original rewritten by the export's own plan and options with the
-    gates at their initial values, i.e. the model before recovery. ``data``: held-out text for
-    perplexity (overall and per source, :func:`cqil.data.heldout_blocks`); ``tasks``: lm-eval
-    tasks; ``latency``: time the original and the recovered model side by side. Returns the report
-    (:mod:`cqil.report` documents it) and, with ``out_dir``, writes it there. Bad input (an existing
-    ``out_dir``, an unknown task, a folder that is not an export, text with nothing usable) fails
-    before any model is evaluated, and nothing is written.
-    """
-    import copy
-
-    from cqil.data import heldout_blocks
-    from cqil.export import check_export, load_export
-    from cqil.plan import GroupPlan
-    from cqil.pretrained import EMBEDDED_MODELS, fetch_model, load_model
-    from cqil.report import by_source, gap_closed, plan_summary, write_report
-    from cqil.surgery import parallelize
-
-    if out_dir is not None:
-        out = Path(out_dir)
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-            raise FileExistsError(
-                f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-            )
-    manager = task_manager(task_paths) if tasks else None
-    if tasks:
-        check_tasks(tasks, manager)
-    folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
-    if folder is not None:
-        check_export(folder)  # not an export, missing or mismatched weights: fail before loading anything
-        if tokenizer is None and (folder / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    if tokenizer is None and isinstance(original, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            fetch_model(str(original)) if str(original) in EMBEDDED_MODELS else original
-        )
-    if tokenizer is None:
-        raise ValueError(
-            "a tokenizer is needed: pass tokenizer=, or an export folder or original that has one"
-        )
-    if data is not None:  # text with nothing usable fails here, before any model is loaded
-        paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        tokens, sources = heldout_blocks(
-            tokenizer,
-            paths,
-            paths,
-            seq_len=seq_len,
-            num_sequences=num_sequences,
-            heldout_fraction=0.5,  # unused: the whole of ``data`` is held out
-            source_field=source_field,
-            text_field=text_field,
-        )
-    if folder is not None:
-        model = load_export(folder, dtype=dtype, device=device)
-    device = next(model.parameters()).device
-    cqil = model.config.cqil
-    plan = GroupPlan(cqil["plan"]["groups"], cqil["plan"]["num_layers"])
-    if isinstance(original, (str, os.PathLike)):
-        original, _ = load_model(str(original), dtype=dtype or "float32", device=device)
-
-    stages = {"recovered": model}
-    if original is not None:
-        rebuilt = parallelize(
-            copy.deepcopy(original),
-            plan,
-            bypass=cqil["bypass"],
-            bypass_distance=cqil.get("bypass_distance", 1),
-            gates=cqil["gates"],
-            gate_shape=cqil.get("gate_shape", "scalar"),
-            form=cqil["form"],
-        )
-        stages = {"original": original, "parallelized": rebuilt, "recovered": model}
-    report: dict = {
-        "schema_version": 1,
-        "base_model": getattr(original, "name_or_path", None) if original is not None else None,
-        "plan": plan_summary(plan, cqil),
-    }
-    if data is not None:
-        results = {
-            name: perplexity(m, tokens, sources=sources, batch_size=batch_size, progress=progress)
-            for name, m in stages.items()
-        }
-        report["perplexity"] = {k: {n: v[n] for n in ("ppl", "nll", "tokens")} for k, v in results.items()}
-        report["perplexity_by_source"] = by_source(results)
-        report["gap_closed"] = gap_closed(report["perplexity"])
-        report["eval_dataset"] = ", ".join(map(str, paths))
-    if tasks:
-        report["lm_eval"] = {
-            name: lm_eval_tasks(
-                m,
-                tokenizer,
-                tasks,
-                limit=task_limit,
-                num_fewshot=num_fewshot,
-                batch_size=batch_size,
-                manager=manager,
-            )
-            for name, m in stages.items()
-        }
-        report["lm_eval_settings"] = {"tasks": list(tasks), "limit": task_limit, "num_fewshot": num_fewshot}
-    if latency and original is not None:
-        report["latency"] = measure_latency(
-            {"original": original, "recovered": model}, reps=latency_reps, progress=progress
-        )
-        report["latency"]["ideal"] = round(plan.ideal_speedup, 4)
-    if out_dir is not None:
-        sim = None
-        if original is not None and data is not None:
-            from cqil.similarity import layer_input_similarity
-
-            sim = layer_input_similarity(original, tokens[:8], progress=False)["matrix"]
-        write_report(report, out_dir, similarity=sim, overwrite=overwrite)
-    return report

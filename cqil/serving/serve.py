@@ -2,12 +2,12 @@
 
 Launch one process per branch of the export's largest group (2 for pairs)::
 
-    torchrun --standalone --nproc_per_node 2 -m cqil.serve --model EXPORT_DIR --prompt "Once upon a time" \\
+    torchrun --standalone --nproc_per_node 2 -m cqil.serving.serve --model EXPORT_DIR --prompt "Once upon a time" \\
         --max-new-tokens 32
 
 ``--model`` is an export folder (written by ``cqil export`` or :func:`cqil.export_model`) or the Hub id
 of one (resolved through the local Hugging Face cache). Every rank loads the export and keeps its own
-branches (:mod:`cqil.concurrent`); rank 0 prints the generated text (greedy decoding, prompt left
+branches (:mod:`cqil.serving.concurrent`); rank 0 prints the generated text (greedy decoding, prompt left
 out). CPU ranks use gloo and one thread each unless told otherwise; CUDA ranks use NCCL, one GPU per
 rank. Bad input (not a cqil export, a folded export, the wrong number of ranks, no tokenizer) stops
 every rank before any weight is loaded, with one error line on rank 0 and exit status 2.
@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from cqil.concurrent import TRANSPORTS
+from cqil.serving.concurrent import TRANSPORTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node N -m cqil.serve",
+        prog="torchrun --nproc_per_node N -m cqil.serving.serve",
         description="Generate text from a cqil export, its groups' branches spread over the ranks.",
     )
     parser.add_argument("--model", required=True, help="export folder, or the Hub id of an export")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from cqil.export import check_export
+    from cqil.export.load import check_export
 
     # Every rank validates the same input, so all of them stop before the process group forms.
     try:
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--device cuda: no CUDA device is available")
     except (FileNotFoundError, ValueError) as e:
         if rank == 0:
-            print(f"cqil.serve: error: {e}", file=sys.stderr)
+            print(f"cqil.serving.serve: error: {e}", file=sys.stderr)
         return 2
 
-    from cqil.concurrent import generate_greedy, init_distributed, make_communicator, shard_model
-    from cqil.export import load_export
+    from cqil.export.load import load_export
+    from cqil.serving.concurrent import generate_greedy, init_distributed, make_communicator, shard_model
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:

@@ -15,18 +15,19 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cqil.coalescing import coalesce
-from cqil.data import calibration_tokens
-from cqil.evaluation import perplexity
-from cqil.group import BYPASS_MODES
-from cqil.plan import GroupPlan
-from cqil.surgery import parallelize
+from cqil.errors import PlanError
+from cqil.evaluation.metrics import perplexity
+from cqil.files import check_out_dir, write_atomic
+from cqil.recovery.data import calibration_tokens
+from cqil.rewrite.coalescing import coalesce
+from cqil.rewrite.group import BYPASS_MODES
+from cqil.rewrite.plan import GroupPlan
+from cqil.rewrite.surgery import parallelize
 
 
 def layer_input_similarity(
@@ -127,12 +128,12 @@ def rank_groups(
     """Every group of ``degree`` consecutive layers ranked two ways: by input similarity and measured.
 
     ``sim`` is the (L, L) input-similarity matrix. Each group is also run as a one-group plan on
-    ``tokens`` (:func:`cqil.search.measure_windows`: calibration KL from the original model and
+    ``tokens`` (:func:`cqil.selection.search.measure_windows`: calibration KL from the original model and
     perplexity). Returns one entry per group, by first layer: ``{"layers", "similarity",
     "similarity_rank", "kl", "ppl", "measured_rank"}`` (rank 1 is the best: most similar inputs,
     lowest KL). Where the ranks disagree, similarity is a poor guide.
     """
-    from cqil.search import measure_windows
+    from cqil.selection.search import measure_windows
 
     sim = torch.as_tensor(sim, dtype=torch.float64)
     measured, _ = measure_windows(model, tokens, degree=degree, bypass=bypass, batch_size=batch_size)
@@ -192,7 +193,7 @@ def analyze(
     ``similarity.json`` (the returned dict) and ``similarity.png`` (the heatmap with each
     suggested plan's groups outlined) into ``out_dir``. ``model`` itself is left unchanged.
     With ``coalesced``, each plan is also measured as a depth-coalesced model (one averaged
-    layer per group, :func:`cqil.coalescing.coalesce`), the alternative that parallel groups
+    layer per group, :func:`cqil.rewrite.coalescing.coalesce`), the alternative that parallel groups
     are compared against. With ``measured``, every group of ``degree`` consecutive layers is
     also measured on its own (``lp`` bypass: calibration KL from the original and perplexity,
     :func:`rank_groups`), so the similarity ranking and the measured ranking sit side by side
@@ -205,8 +206,7 @@ def analyze(
         _check_budget(count, degree, num_layers)
     unknown = [mode for mode in bypass_modes if mode not in BYPASS_MODES]
     if unknown:
-        raise ValueError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
-    from cqil.search import check_out_dir
+        raise PlanError(f"unknown bypass modes {unknown}; expected some of {list(BYPASS_MODES)}")
 
     out_dir = check_out_dir(out_dir, overwrite)  # a non-empty folder only when told to
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,18 +249,18 @@ def analyze(
     }
     if measured:
         result["groups"] = groups
-    _write_atomic(out_dir / "similarity.json", (json.dumps(result, indent=2) + "\n").encode())
-    _write_atomic(out_dir / "similarity.png", _heatmap_png(sim["matrix"], plans, degree, groups))
+    write_atomic(out_dir / "similarity.json", (json.dumps(result, indent=2) + "\n").encode())
+    write_atomic(out_dir / "similarity.png", _heatmap_png(sim["matrix"], plans, degree, groups))
     return result
 
 
 def _check_budget(num_groups: int, degree: int, num_layers: int) -> None:
     if degree < 2:
-        raise ValueError(f"degree must be at least 2 (layers per group), got {degree}")
+        raise PlanError(f"degree must be at least 2 (layers per group), got {degree}")
     if num_groups < 1:
-        raise ValueError(f"the number of groups must be at least 1, got {num_groups}")
+        raise PlanError(f"the number of groups must be at least 1, got {num_groups}")
     if num_groups * degree > num_layers:
-        raise ValueError(
+        raise PlanError(
             f"{num_groups} groups of {degree} layers need {num_groups * degree} layers "
             f"but the model has {num_layers}"
         )
@@ -284,13 +284,6 @@ def _plan_entry(matrix: torch.Tensor, num_groups: int, degree: int) -> dict:
 
 def _range_spec(entry: dict, degree: int) -> str:
     return f"{entry['start']}-{entry['end']}:{degree}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A reader (or a crash) never sees a half-written file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _heatmap_png(matrix: torch.Tensor, plans: list[dict], degree: int, groups: list[dict] = ()) -> bytes:

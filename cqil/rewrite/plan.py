@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from cqil.errors import PlanError
+
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*(-?\d+)\s*$")
 
 
@@ -37,7 +39,7 @@ class GroupPlan:
         """Parse ``"S-E:P"`` (commas join several ranges), a list of index lists, or ``[]``."""
         if isinstance(spec, GroupPlan):
             if spec.num_layers != num_layers:
-                raise ValueError(f"plan was made for {spec.num_layers} layers but the model has {num_layers}")
+                raise PlanError(f"plan was made for {spec.num_layers} layers but the model has {num_layers}")
             return spec
         if isinstance(spec, str):
             return cls(_parse_ranges(spec), num_layers)
@@ -45,14 +47,14 @@ class GroupPlan:
             groups = []
             for n, group in enumerate(spec):
                 if isinstance(group, (str, bytes)) or not isinstance(group, Iterable):
-                    raise ValueError(f"group #{n} must be a list of layer indices, got {group!r}")
+                    raise PlanError(f"group #{n} must be a list of layer indices, got {group!r}")
                 indices = list(group)
                 for i in indices:
                     if isinstance(i, bool) or not isinstance(i, int):
-                        raise ValueError(f"group #{n} {indices}: layer index {i!r} is not an integer")
+                        raise PlanError(f"group #{n} {indices}: layer index {i!r} is not an integer")
                 groups.append(tuple(indices))
             return cls(tuple(groups), num_layers)
-        raise ValueError(f"a plan is a 'S-E:P' string or a list of layer-index lists, got {spec!r}")
+        raise PlanError(f"a plan is a 'S-E:P' string or a list of layer-index lists, got {spec!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> GroupPlan:
@@ -74,8 +76,8 @@ class GroupPlan:
 
     def effective_layers(self) -> list[tuple[int, ...]]:
         """One entry per effective layer, in order: the original indices it runs (one for ungrouped layers)."""
-        # Imported here: cqil.group needs torch and transformers, which reading a plan (or a recipe) does not.
-        from cqil.group import effective_layers
+        # Imported here: cqil.rewrite.group needs torch and transformers, which reading a plan (or a recipe) does not.
+        from cqil.rewrite.group import effective_layers
 
         return effective_layers(self.groups, self.num_layers)
 
@@ -94,14 +96,14 @@ def _parse_ranges(spec: str) -> tuple[tuple[int, ...], ...]:
     for part in spec.split(","):
         m = _RANGE.match(part)
         if not m:
-            raise ValueError(f"plan range {part.strip()!r} is not of the form 'S-E:P' (e.g. '12-30:2')")
+            raise PlanError(f"plan range {part.strip()!r} is not of the form 'S-E:P' (e.g. '12-30:2')")
         start, end, degree = (int(x) for x in m.groups())
         if degree < 1:
-            raise ValueError(f"plan range {part.strip()!r}: degree P={degree} must be at least 1")
+            raise PlanError(f"plan range {part.strip()!r}: degree P={degree} must be at least 1")
         if end <= start:
-            raise ValueError(f"plan range {part.strip()!r}: end {end} must be greater than start {start}")
+            raise PlanError(f"plan range {part.strip()!r}: end {end} must be greater than start {start}")
         if (end - start) % degree:
-            raise ValueError(
+            raise PlanError(
                 f"plan range {part.strip()!r}: {end - start} layers ({start}..{end - 1}) "
                 f"are not a multiple of the degree {degree}"
             )
@@ -111,20 +113,20 @@ def _parse_ranges(spec: str) -> tuple[tuple[int, ...], ...]:
 
 def _validate(groups: tuple[tuple[int, ...], ...], num_layers: int) -> None:
     if num_layers < 1:
-        raise ValueError(f"num_layers must be positive, got {num_layers}")
+        raise PlanError(f"num_layers must be positive, got {num_layers}")
     owner: dict[int, tuple[int, ...]] = {}
     for group in groups:
         if not group:
-            raise ValueError("a plan group is empty: every group needs at least one layer")
+            raise PlanError("a plan group is empty: every group needs at least one layer")
         for i in group:
             if not 0 <= i < num_layers:
-                raise ValueError(
+                raise PlanError(
                     f"group {list(group)}: layer index {i} is out of range (the model has layers 0..{num_layers - 1})"
                 )
         for a, b in zip(group[:-1], group[1:], strict=True):
             if b != a + 1:
-                raise ValueError(f"group {list(group)}: layers must be consecutive ({a} is followed by {b})")
+                raise PlanError(f"group {list(group)}: layers must be consecutive ({a} is followed by {b})")
         for i in group:
             if i in owner:
-                raise ValueError(f"groups {list(owner[i])} and {list(group)} overlap at layer {i}")
+                raise PlanError(f"groups {list(owner[i])} and {list(group)} overlap at layer {i}")
             owner[i] = group

@@ -1,7 +1,7 @@
-"""The ``cqil export`` subcommand, in the pattern of :mod:`cqil.cli`.
+"""``cqil export``: write a cqil checkpoint as a Hugging Face model folder; optionally push it to the Hub.
 
 :func:`add_export_parser` declares the arguments and :func:`run_export` calls the library;
-``cqil.cli.build_parser`` wires them in. Bad input raises ``OSError``/``ValueError`` with one
+``cqil.cli.build_parser`` wires them in. Bad input raises a :class:`cqil.errors.CqilError` with one
 message naming the file or key, which ``cqil.cli.main`` prints as one ``cqil: error: ...`` line.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+
+from cqil.errors import ModelError, UsageError
 
 
 def add_export_parser(subparsers) -> None:
@@ -71,12 +73,14 @@ def add_export_parser(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from cqil.export import export_model, load_export, push_to_hub
+    from cqil.export.hub import push_to_hub
+    from cqil.export.load import load_export
+    from cqil.export.write import export_model
 
     if not args.out and not args.push_to_hub:
-        raise ValueError("nothing to do: give --out DIR, --push-to-hub ORG/NAME, or both")
+        raise UsageError("nothing to do: give --out DIR, --push-to-hub ORG/NAME, or both")
     if (args.private or args.revision) and not args.push_to_hub:
-        raise ValueError("--private and --revision only apply with --push-to-hub ORG/NAME")
+        raise UsageError("--private and --revision only apply with --push-to-hub ORG/NAME")
 
     checkpoint = Path(args.checkpoint)
     model = load_export(checkpoint)
@@ -120,7 +124,7 @@ def _load_tokenizer(folder: Path):
             folder, trust_remote_code=False
         )  # no prompt: tokenizers need no code
     except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}: cannot load its tokenizer ({e})") from None
+        raise ModelError(f"{folder}: cannot load its tokenizer ({e})") from None
 
 
 def _card_metadata(folder: Path) -> tuple[str | None, list[str] | None]:

@@ -42,8 +42,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cqil.plan import GroupPlan
-from cqil.surgery import check_supported, is_parallelized
+from cqil.rewrite.plan import GroupPlan
+from cqil.rewrite.surgery import check_supported, is_parallelized
 
 # The config attribute that records how a coalesced model was made (plain JSON: it survives
 # save_pretrained / from_pretrained with plain transformers, which keeps unknown config keys).

@@ -20,6 +20,9 @@ groups' positions, and the teacher, losses, data, evaluation and checkpoints are
 run on the same plan, so the two runs compare like for like. The untrained coalesced model's
 perplexity is stored under the key ``"parallelized"`` (the "before training" slot of every report;
 ``eval.json`` says ``"mode": "coalesce"``), and the export is a plain Hugging Face folder.
+
+This module is longer than 500 lines because it still holds the whole trainer (model wrapper,
+loop, checkpoints, evaluation and export of a run); a split into those parts is planned.
 """
 
 from __future__ import annotations
@@ -51,11 +54,13 @@ from cqil._compat import (
     unset_zero3_init,
     zero3_init_disabled,
 )
-from cqil.data import TokenStream, heldout_blocks, in_heldout, iter_records, pack_tokens
-from cqil.losses import head_losses, hidden_loss, kd_loss, lm_loss
-from cqil.plan import GroupPlan
-from cqil.recipe import Recipe, RecipeError, recipe_to_dict
-from cqil.surgery import parallel_groups, parallelize, trainable_parameters
+from cqil.errors import OutputDirError
+from cqil.files import staged_folder, write_atomic
+from cqil.recovery.data import TokenStream, heldout_blocks, in_heldout, iter_records, pack_tokens
+from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss
+from cqil.recovery.recipe import Recipe, RecipeError, recipe_to_dict
+from cqil.rewrite.plan import GroupPlan
+from cqil.rewrite.surgery import parallel_groups, parallelize, trainable_parameters
 
 EXIT_PREEMPTED = 75  # SIGTERM / SIGUSR1: a checkpoint was written; resubmit to continue (EX_TEMPFAIL)
 EXIT_NONFINITE = 3  # the loss became NaN or infinite; the last good checkpoint is kept
@@ -87,7 +92,7 @@ class RecoveryModel(nn.Module):
     student's own, frozen, modules.
 
     ``forward`` returns ``"loss"`` (the weighted sum, the one to backpropagate) and each weighted term.
-    With a frozen plain LM head the KD and LM terms come from :func:`cqil.losses.head_losses`, which never
+    With a frozen plain LM head the KD and LM terms come from :func:`cqil.recovery.losses.head_losses`, which never
     holds the batch's logits; they are then values only, without a gradient of their own.
     """
 
@@ -143,7 +148,7 @@ class RecoveryModel(nn.Module):
         # With LoRA on layers outside the groups, the prefix differs between student and teacher.
         self.adapters_outside_groups = False
         # The KD / LM losses straight from the final hidden states, a chunk of tokens at a time
-        # (cqil.losses.head_losses); False computes them from the whole batch's logits, the reference.
+        # (cqil.recovery.losses.head_losses); False computes them from the whole batch's logits, the reference.
         self.fused_head_losses = True
         # Tokens per chunk of the fused losses: bounds the (tokens, vocab) float32 buffers alive at once.
         self.loss_chunk_tokens = 128
@@ -164,7 +169,7 @@ class RecoveryModel(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def _head_is_fusable(self) -> bool:
-        """Whether the losses can read the LM head's weight directly (:func:`cqil.losses.head_losses`).
+        """Whether the losses can read the LM head's weight directly (:func:`cqil.recovery.losses.head_losses`).
 
         Only a frozen plain ``nn.Linear`` with no hooks: DeepSpeed ZeRO-3 and accelerate's offload
         gather or move the weight in hooks around the module's own forward, and a trained head needs
@@ -219,7 +224,7 @@ class RecoveryModel(nn.Module):
         wants_logits = bool(w["kd"] or w["lm"])
         if wants_logits and self.fused_head_losses and not return_logits and self._head_is_fusable():
             # The logits of both models never exist for the whole batch at once (most of a step's memory
-            # beside the weights and optimizer state otherwise; see cqil.losses.head_losses).
+            # beside the weights and optimizer state otherwise; see cqil.recovery.losses.head_losses).
             fused = head_losses(
                 h,
                 teacher_h,
@@ -280,7 +285,7 @@ class RecoveryModel(nn.Module):
 # ---------------------------------------------------------------------------------------- helpers
 def recorded_plan(model: nn.Module) -> GroupPlan:
     """The plan a model was transformed with, from its config: ``cqil`` (parallelize) or ``cqil_coalesced``."""
-    from cqil.coalescing import COALESCED_KEY
+    from cqil.rewrite.coalescing import COALESCED_KEY
 
     for key in ("cqil", COALESCED_KEY):
         record = getattr(model.config, key, None)
@@ -467,7 +472,7 @@ class RecoveryTrainer:
             hub_split=r.data.hub_split,
         )
         if r.eval.tasks:  # an unknown task fails now, not after training
-            from cqil.evaluation import UnknownTaskError, check_tasks, task_manager
+            from cqil.evaluation.metrics import UnknownTaskError, check_tasks, task_manager
 
             try:
                 self.task_manager = task_manager(r.eval.task_paths)
@@ -480,7 +485,7 @@ class RecoveryTrainer:
             self.results["original"] = self._perplexity(model, "original")
             self._lm_eval(model, "original")
             if r.eval.report:
-                from cqil.similarity import layer_input_similarity
+                from cqil.selection.similarity import layer_input_similarity
 
                 sim = layer_input_similarity(model, self.eval_tokens[:8], progress=False)
                 self.results["similarity"] = [[round(x, 5) for x in row] for row in sim["matrix"].tolist()]
@@ -489,7 +494,7 @@ class RecoveryTrainer:
         loss, p = t.loss, r.parallelize
         teacher = None
         if p.mode == "coalesce":
-            from cqil.coalescing import coalesce
+            from cqil.rewrite.coalescing import coalesce
 
             student = coalesce(model, self.plan)
             if loss.kd or loss.hidden:
@@ -559,7 +564,7 @@ class RecoveryTrainer:
             acc.init_trackers("cqil", config=_flatten(recipe_to_dict(r)))
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            from cqil.recipe import dump_recipe
+            from cqil.recovery.recipe import dump_recipe
 
             (self.output_dir / "recipe.yaml").write_text(dump_recipe(r))
         before = self.output_dir / "eval_before.json"
@@ -574,7 +579,7 @@ class RecoveryTrainer:
         """``groups: auto``: the main process searches the plan on calibration text of the train split
         (never the held-out documents) and records it under ``output_dir/plan/``; every process then
         reads the groups from ``plan/plans.json``. A resumed run reuses the recorded plan."""
-        from cqil.search import BudgetError, search_plan, write_report
+        from cqil.selection.search import BudgetError, search_plan, write_report
 
         acc, r, p = self.accelerator, self.recipe, self.recipe.parallelize
         s = p.search
@@ -746,7 +751,7 @@ class RecoveryTrainer:
 
     # -------------------------------------------------------------- evaluation
     def _perplexity(self, model: nn.Module, label: str) -> dict:
-        from cqil.evaluation import perplexity
+        from cqil.evaluation.metrics import perplexity
 
         t0 = time.time()
         result = perplexity(
@@ -768,7 +773,7 @@ class RecoveryTrainer:
         e = self.recipe.eval
         if not e.tasks or not self.accelerator.is_main_process:
             return
-        from cqil.evaluation import lm_eval_tasks
+        from cqil.evaluation.metrics import lm_eval_tasks
 
         t0 = time.time()
         results = lm_eval_tasks(
@@ -1019,7 +1024,14 @@ class RecoveryTrainer:
 
     def write_report(self) -> Path:
         """lm-eval and latency on the export in ``output_dir/model``, then ``output_dir/report/``."""
-        from cqil.report import by_source, gap_closed, headline, plan_summary, read_history, write_report
+        from cqil.evaluation.report import (
+            by_source,
+            gap_closed,
+            headline,
+            plan_summary,
+            read_history,
+            write_report,
+        )
 
         r, results = self.recipe, self.results
         model_dir = self.output_dir / "model"
@@ -1074,7 +1086,7 @@ class RecoveryTrainer:
             overwrite=True,  # output_dir belongs to this run
         )
         if exported and r.parallelize.mode == "parallel":
-            from cqil.export import update_model_card
+            from cqil.export.card import update_model_card
 
             update_model_card(model_dir, out / "report.json", recipe=recipe_to_dict(r))
         elif exported:
@@ -1084,7 +1096,7 @@ class RecoveryTrainer:
 
     def _load_exported(self, folder: Path) -> nn.Module:
         """The export as users load it, on this (the main) process alone, even under ZeRO-3."""
-        from cqil.export import load_export
+        from cqil.export.load import load_export
 
         device, dtype = self.accelerator.device, self.recipe.model.dtype
         with zero3_init_disabled():  # ZeRO-3's init would wait for the ranks that have exited
@@ -1096,7 +1108,7 @@ class RecoveryTrainer:
 
     def _latency(self, recovered: nn.Module) -> dict:
         """Prefill and decode speed of the original (reloaded) and the recovered model, side by side."""
-        from cqil.evaluation import measure_latency
+        from cqil.evaluation.metrics import measure_latency
 
         e = self.recipe.eval
 
@@ -1170,7 +1182,7 @@ def export_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor
     once, on the main process, after the final evaluation (inside the ZeRO-3 gather). In coalesce mode
     the model is a standard architecture and goes out as a plain folder (:func:`export_coalesced`).
     """
-    from cqil.export import export_model
+    from cqil.export.write import export_model
 
     student = trainer.model.student
     if trainer.recipe.train.lora is not None:
@@ -1205,13 +1217,11 @@ def export_coalesced(
 
     ``save_pretrained`` (safetensors, no remote code: ``AutoModelForCausalLM.from_pretrained`` loads it
     with transformers alone), the tokenizer and a model card, written into a hidden sibling and renamed
-    into place as :func:`cqil.export.export_model` does, replacing a previous folder only at the end.
+    into place as :func:`cqil.export.write.export_model` does, replacing a previous folder only at the end.
     """
-    from cqil.export import staged_folder
-
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and not out.is_dir():  # replaced whole: only its non-folder form is refused
+        raise OutputDirError(f"{out} exists and is not a folder")
     with staged_folder(out) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
@@ -1252,7 +1262,7 @@ def _coalesced_card(trainer: RecoveryTrainer) -> str:
 
 def _update_coalesced_card(trainer: RecoveryTrainer, report_dir: Path) -> None:
     """The coalesced model's card with the report's tables and plots (copied to ``model/plots/``)."""
-    from cqil.report import headline, results_markdown
+    from cqil.evaluation.report import headline, results_markdown
 
     model_dir = trainer.output_dir / "model"
     report = json.loads((report_dir / "report.json").read_text())
@@ -1261,9 +1271,7 @@ def _update_coalesced_card(trainer: RecoveryTrainer, report_dir: Path) -> None:
         shutil.copyfile(report_dir / name, model_dir / "plots" / name)
     lines = [_coalesced_card(trainer), "## Results", "", f"**{headline(report)}.**", ""]
     lines += results_markdown(report, plot_dir="plots/")
-    tmp = model_dir / ".README.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, model_dir / "README.md")
+    write_atomic(model_dir / "README.md", "\n".join(lines))
 
 
 def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: Callable | None = None) -> int:

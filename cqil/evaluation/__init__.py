@@ -1,0 +1,1 @@
+"""Evaluating a rewritten model: metrics (perplexity, latency, lm-eval), the evaluate driver and the report."""

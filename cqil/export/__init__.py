@@ -1,0 +1,1 @@
+"""Writing, loading and publishing a cqil export (a Hugging Face folder with remote code)."""

@@ -1,0 +1,1 @@
+"""Recovery training: the recipe, the data pipeline, the losses and the trainer."""

@@ -1,0 +1,1 @@
+"""Choosing which layers to group: layer-input similarity and the measured plan search."""
