@@ -422,10 +422,13 @@ def test_cli_refuses_before_writing(tmp_path, capsys):
 
 NEW_TOKENS = 32
 TOP_K = 10
-# Max |log p(llama.cpp) - log p(transformers)| over transformers' top-10 tokens at every position, and
-# how many greedy tokens must agree. F32 differs only by float32 summation order; F16 and Q8_0 round
-# the matrices, so only a prefix of the greedy tokens and a loose bound are required of them.
-TOLERANCE = {"f32": (1e-4, NEW_TOKENS), "f16": (0.05, 8), "q8_0": (0.25, 4)}
+# (max, mean) over positions of max |log p(llama.cpp) - log p(transformers)| over transformers' top-10
+# tokens, and how many greedy tokens must agree. F32 differs only by float32 summation order. F16 and
+# Q8_0 round the matrices (and llama.cpp's Q8_0 matmuls round the activations to 8 bits too), so only a
+# prefix of the greedy tokens and loose bounds are required of them; SmolLM2-135M (hidden size 576)
+# is sensitive to it (the original model's own Q8_0 file measured a max of 0.57 and a mean of 0.27,
+# so the Q8_0 cases are also compared with that one: folding must not make quantization much worse).
+TOLERANCE = {"f32": (1e-4, 1e-4, NEW_TOKENS), "f16": (0.05, 0.02, 16), "q8_0": (1.5, 0.5, 8)}
 TEXTS = [
     "The capital of France is Paris. The capital of Germany is",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # 3.14, 1000000",
@@ -455,6 +458,7 @@ def _engine_cases():
     """(name, build, dtype, plan description): the models compared with llama.cpp."""
     return [
         ("smollm2-original-f32", lambda: _smollm2(), "f32"),
+        ("smollm2-original-q8_0", lambda: _smollm2(), "q8_0"),
         ("smollm2-14-26:2-f32", lambda: _smollm2("14-26:2"), "f32"),
         ("smollm2-14-26:2-f16", lambda: _smollm2("14-26:2"), "f16"),
         ("smollm2-14-26:2-q8_0", lambda: _smollm2("14-26:2"), "q8_0"),
@@ -513,11 +517,15 @@ def engine_results(tmp_path_factory):
         same = (hf_next == tokens[p:]).tolist()
         agree = same.index(False) if False in same else len(same)
         top = logprobs.topk(TOP_K, -1).indices
-        top_diff = (ours.gather(1, top) - logprobs.gather(1, top)).abs().max().item()
+        per_position = (ours.gather(1, top) - logprobs.gather(1, top)).abs().amax(-1)
+        top_diff, top_mean = per_position.max().item(), per_position.mean().item()
         all_diff = (ours - logprobs).abs().max().item()
-        results[name] = dict(dtype=dtype, agree=agree, top_diff=top_diff, all_diff=all_diff)
+        results[name] = dict(
+            dtype=dtype, agree=agree, top_diff=top_diff, top_mean=top_mean, all_diff=all_diff
+        )
         print(
-            f"{name}: greedy {agree}/{NEW_TOKENS}, top-{TOP_K} max |dlogp| {top_diff:.2e}, all {all_diff:.2e}"
+            f"{name}: greedy {agree}/{NEW_TOKENS}, top-{TOP_K} |dlogp| max {top_diff:.2e} "
+            f"mean {top_mean:.2e}, whole vocabulary max {all_diff:.2e}"
         )
     results["texts"] = [
         (
@@ -533,12 +541,18 @@ def engine_results(tmp_path_factory):
 @pytest.mark.parametrize("name", [c[0] for c in _engine_cases()])
 def test_llama_cpp_matches_transformers(engine_results, name):
     r = engine_results[name]
-    tolerance, agree = TOLERANCE[r["dtype"]]
+    largest, mean, agree = TOLERANCE[r["dtype"]]
     assert r["agree"] >= agree, r
-    assert r["top_diff"] <= tolerance, r
+    assert r["top_diff"] <= largest and r["top_mean"] <= mean, r
 
 
 @pytest.mark.engines
 def test_llama_cpp_tokenizes_like_transformers(engine_results):
     for ours, theirs in engine_results["texts"]:
         assert ours == theirs
+
+
+@pytest.mark.engines
+def test_q8_0_of_the_folded_model_is_no_worse_than_of_the_original(engine_results):
+    original = engine_results["smollm2-original-q8_0"]["top_mean"]
+    assert engine_results["smollm2-14-26:2-q8_0"]["top_mean"] <= 2 * original
