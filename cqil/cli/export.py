@@ -44,6 +44,12 @@ def add_export_parser(subparsers) -> None:
         help="write each group as one plain wide decoder layer, norms folded into the projections "
         "(bypass 'lp' with every gate at 1 only; same logits)",
     )
+    p.add_argument(
+        "--gguf",
+        choices=["f32", "f16", "q8_0"],
+        help="also write model.gguf for llama.cpp / Ollama in the folder (groups folded: bypass 'lp', "
+        "gates at 1; see cqil.gguf)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: 5GB)")
     p.add_argument(
         "--report",
@@ -85,6 +91,10 @@ def run_export(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     model = load_export(checkpoint)
     tokenizer = _load_tokenizer(checkpoint)
+    if args.gguf:  # refuse before writing anything
+        from cqil.gguf import check_gguf, write_gguf
+
+        check_gguf(model, tokenizer)
     base_model, datasets = _card_metadata(checkpoint)
     report = args.report
     if datasets and report is None:
@@ -102,6 +112,8 @@ def run_export(args: argparse.Namespace) -> int:
     if args.out:
         out = export_model(model, args.out, overwrite=args.overwrite, **options)
         print(f"wrote {out}")
+        if args.gguf:
+            print(f"wrote {write_gguf(model, tokenizer, out / 'model.gguf', dtype=args.gguf)}")
         if args.push_to_hub:
             print(
                 f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)}"
@@ -109,6 +121,8 @@ def run_export(args: argparse.Namespace) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="cqil-export-") as tmp:
         out = export_model(model, Path(tmp) / Path(args.push_to_hub).name, **options)
+        if args.gguf:
+            write_gguf(model, tokenizer, out / "model.gguf", dtype=args.gguf)
         print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)}")
     return 0
 
