@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 # ------------------------------------------------------------------ llama.cpp
 # 0.3.36 vendors a llama.cpp whose deci graph reads per-layer head counts and FFN lengths and adds
-# optional q/k/v, output and FFN biases (what cqil.gguf writes). GGML_NATIVE=OFF: a portable build
+# optional q/k/v, output and FFN biases (what cqil.export.gguf writes). GGML_NATIVE=OFF: a portable build
 # (no -march=native), so a venv built on one CI machine runs on another. Building takes 10-20 minutes
 # on 2 cores; CMAKE_BUILD_PARALLEL_LEVEL uses every core.
 LLAMA_CPP_PYTHON_VERSION=0.3.36

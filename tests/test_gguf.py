@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (cqil.gguf): metadata, the q/k permutation, refusals, atomic writes, the CLI,
+"""GGUF export for llama.cpp (cqil.export.gguf): metadata, the q/k permutation, refusals, atomic writes, the CLI,
 and (``-m engines``) the same tokens and log-probabilities from llama.cpp as from transformers.
 
 The engine tier runs ``tests/llama_cpp_runner.py`` in ``.venv-llama`` (built by
@@ -18,7 +18,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_text import SENTENCES
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -32,9 +31,10 @@ from transformers import (
 )
 
 import cqil
-from cqil.export import export_model
-from cqil.gguf import check_gguf, export_gguf, permute_qk, unpermute_qk, write_gguf, write_modelfile
-from cqil.group import apply_rotary
+from cqil.export.gguf import check_gguf, export_gguf, permute_qk, unpermute_qk, write_gguf, write_modelfile
+from cqil.export.write import export_model
+from cqil.rewrite.group import apply_rotary
+from cqil.testing import SENTENCES
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_PYTHON = REPO / ".venv-llama" / "bin" / "python"
@@ -371,7 +371,7 @@ def test_window_at_least_the_context_is_accepted(tmp_path):
 
 
 def test_refuses_a_word_level_tokenizer(tmp_path):
-    from tiny_text import make_tokenizer
+    from cqil.testing import make_tokenizer
 
     with pytest.raises(ValueError, match="only byte-level BPE"):
         write_gguf(tiny_model("mistral"), make_tokenizer(), tmp_path / "m.gguf")

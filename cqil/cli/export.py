@@ -48,7 +48,7 @@ def add_export_parser(subparsers) -> None:
         "--gguf",
         choices=["f32", "f16", "q8_0"],
         help="also write model.gguf for llama.cpp / Ollama in the folder (groups folded: bypass 'lp', "
-        "gates at 1; see cqil.gguf)",
+        "gates at 1; see cqil.export.gguf)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: 5GB)")
     p.add_argument(
@@ -92,7 +92,7 @@ def run_export(args: argparse.Namespace) -> int:
     model = load_export(checkpoint)
     tokenizer = _load_tokenizer(checkpoint)
     if args.gguf:  # refuse before writing anything
-        from cqil.gguf import check_gguf, write_gguf
+        from cqil.export.gguf import check_gguf, write_gguf
 
         check_gguf(model, tokenizer)
     base_model, datasets = _card_metadata(checkpoint)

@@ -4,7 +4,7 @@ llama.cpp's ``deci`` architecture is the Llama graph with per-layer head counts 
 lengths (``deci.attention.head_count``, ``deci.attention.head_count_kv`` and
 ``deci.feed_forward_length`` are arrays with one entry per layer). An ``lp`` group with every gate
 at 1 is exactly one plain pre-norm layer with P x heads, P x key/value heads and P x intermediate
-size, its norms folded into the projections (:meth:`cqil.group.MergedGroup.plain_layer_state_dict`),
+size, its norms folded into the projections (:meth:`cqil.rewrite.group.MergedGroup.plain_layer_state_dict`),
 so a parallelized model is a ``deci`` model with no padding and no extra operator. The stock HF to
 GGUF converter writes one head count for all layers, so this module writes the file itself with
 the ``gguf`` package, the way that converter writes a Llama model:
@@ -15,12 +15,14 @@ the ``gguf`` package, the way that converter writes a Llama model:
   template, via ``gguf.SpecialVocab``);
 * ``output.weight`` only for untied embeddings; q/k/v, o and MLP biases when the model has them.
 
-What ``deci`` cannot express is refused with one ``ValueError`` listing every reason: groups whose
+What ``deci`` cannot express is refused with one :class:`cqil.errors.ModelError` listing every reason: groups whose
 MLPs do not all read the same input (bypass ``none``/``cqil``, or learned gates away from 1), per-head
 q/k norms (Qwen3), sliding-window attention shorter than the context, RoPE types other than
 default/linear/llama3, activations other than SiLU, and tokenizers other than byte-level BPE.
 
-This module is self-contained (torch, numpy, gguf, transformers and :mod:`cqil.group`).
+It imports torch, numpy, gguf, transformers and :mod:`cqil.rewrite.group` only. The module is
+longer than 500 lines because one file format's tensor map, refusal checks and tokenizer metadata read best
+together; the tokenizer part is the first to move out if it grows.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cqil.group import BranchGroup, MergedGroup, ParallelGroup
+from cqil.errors import ModelError, OutputDirError
+from cqil.rewrite.group import BranchGroup, MergedGroup, ParallelGroup
 
 ARCH = "deci"
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -97,10 +100,10 @@ def write_gguf(
     cannot be expressed, with every reason and the recipe settings that make a model foldable.
     """
     if dtype not in GGUF_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(GGUF_DTYPES)}; got {dtype!r}")
+        raise ModelError(f"dtype must be one of {', '.join(GGUF_DTYPES)}; got {dtype!r}")
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise OutputDirError(f"{path} exists; pass overwrite=True to replace it")
     spec = _model_spec(model, tokenizer, context_length)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -129,7 +132,7 @@ def export_gguf(
     folder = Path(export_dir)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") == "cqil":
-        from cqil.export import load_export
+        from cqil.export.load import load_export
 
         model = load_export(folder)
     else:
@@ -137,7 +140,7 @@ def export_gguf(
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        raise ValueError(f"{folder} has no tokenizer; a GGUF needs one (tokenizer.json)")
+        raise ModelError(f"{folder} has no tokenizer; a GGUF needs one (tokenizer.json)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return write_gguf(
         model, tokenizer, folder / "model.gguf" if path is None else path, dtype=dtype, **kwargs
@@ -180,7 +183,7 @@ def write_modelfile(gguf_path: str | os.PathLike, tokenizer=None, *, overwrite: 
     gguf_path = Path(gguf_path)
     out = gguf_path.with_name("Modelfile")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        raise OutputDirError(f"{out} exists; pass overwrite=True to replace it")
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     lines = [f"FROM ./{gguf_path.name}", ""]
     if isinstance(template, str) and "<|im_start|>" in template and "<|im_end|>" in template:
@@ -273,7 +276,7 @@ def _model_spec(model, tokenizer, context_length, *, tensors: bool = True) -> _S
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no model.layers: not a Llama-family causal LM")
+        raise ModelError(f"{type(model).__name__} has no model.layers: not a Llama-family causal LM")
     for idx, layer in enumerate(layers):
         where = f"layer {idx}"
         if isinstance(layer, ParallelGroup):
@@ -307,7 +310,7 @@ def _model_spec(model, tokenizer, context_length, *, tensors: bool = True) -> _S
             plain, window = layer, _layer_window(layer, config, idx)
             has_qk_norm = hasattr(layer.self_attn, "q_norm")
         else:
-            raise ValueError(
+            raise ModelError(
                 f"layer {idx} is a {type(layer).__name__}, neither a decoder layer nor a cqil group "
                 "(a model loaded with trust_remote_code has its own group classes; load an export "
                 "with cqil.export.load_export)"
@@ -351,7 +354,7 @@ def _model_spec(model, tokenizer, context_length, *, tensors: bool = True) -> _S
         reasons.append(f"to make every group one plain layer: {FOLD_HINT}")
     reasons += _tokenizer_problems(tokenizer)
     if reasons:
-        raise ValueError(
+        raise ModelError(
             "cannot write this model as a llama.cpp GGUF (architecture deci):\n  - " + "\n  - ".join(reasons)
         )
 
@@ -467,7 +470,7 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
     vocab_size = config.vocab_size
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but vocab_size is {vocab_size}")
+        raise ModelError(f"the tokenizer has ids up to {max(vocab.values())} but vocab_size is {vocab_size}")
     reverse = {i: tok for tok, i in vocab.items()}
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
@@ -525,8 +528,8 @@ def _place(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)  # fails if path exists, atomically
     except FileExistsError:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+        raise OutputDirError(f"{path} exists; pass overwrite=True to replace it") from None
     except OSError:  # a filesystem without hard links
         if path.exists():
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+            raise OutputDirError(f"{path} exists; pass overwrite=True to replace it") from None
         os.replace(tmp, path)
