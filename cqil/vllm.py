@@ -257,6 +257,21 @@ class CqilGroup(nn.Module):
             prefix=f"{prefix}.attn",
         )
         self._loaded: set[str] = set()
+        self.where = where
+
+    def layout(self) -> str:
+        """How this group runs under the current TP size, and which collectives it calls."""
+        n = self.tp_size
+        if self.shared:
+            how = "one plain wide layer: all-reduce after attention, all-reduce after the MLPs"
+        elif self.branch_local and self.mix is None:
+            how = "one all-reduce of sum_j (a_j + m_j)"
+        elif self.branch_local:
+            how = "all-gather of the attention outputs, all-reduce after the MLPs"
+        else:
+            how = "fallback (heads straddle ranks): all-reduce of every branch's attention output, then of the MLPs"
+        place = f"{self.degree // n} branch(es) per rank" if self.branch_local else "branches split across ranks"
+        return f"{self.where}: bypass {self.bypass}, tp {n}, {place}; {how}"
 
     # ------------------------------------------------------------------ loading
     def load(self, name: str, tensor: torch.Tensor) -> str:
@@ -661,9 +676,14 @@ class CqilForCausalLM(nn.Module):
                 # Gates sit outside the branches in the branches form.
                 attrs = group.load_branches(tensors)
             loaded.update(f"model.layers.{idx}.{a}" for a in attrs)
+        from vllm.logger import init_logger
+
+        logger = init_logger(__name__)
         for layer in layers:
             if isinstance(layer, CqilGroup):
                 layer.finalize()
+                if layer.tp_rank == 0:
+                    logger.info("cqil %s", layer.layout())
         return loaded
 
 

