@@ -228,7 +228,8 @@ class CqilGroup(nn.Module):
         self.down_weight = param(d, nrows)
         self.down_bias = param(d) if self.bias["mlp"] else None
         mask = bypass_mask(self.bypass, p, self.distance)
-        self.has_gates = bool(mask.any())
+        # A folded group is lp with every gate at 1: the export has no gates (nor needs any).
+        self.has_gates = bool(mask.any()) and not folded
         gate_shape = (p, p) + ((d,) if self.gate_shape == "channel" else ())
         self.gates = param(*gate_shape) if self.has_gates else None
         self.register_buffer("gate_mask", mask, persistent=False)
@@ -678,7 +679,7 @@ class CqilForCausalLM(nn.Module):
             loaded.update(f"model.layers.{idx}.{a}" for a in attrs)
         from vllm.logger import init_logger
 
-        logger = init_logger(__name__)
+        logger = init_logger("vllm.model_executor.models.cqil")  # under vLLM's configured logger
         for layer in layers:
             if isinstance(layer, CqilGroup):
                 layer.finalize()

@@ -128,7 +128,10 @@ EXPORTS = [
     ("llama-cqil-branches", "llama", "cqil", "learned", "branches", "scalar", True),
     ("mistral-lp-folded", "mistral", "lp", "fixed", "folded", "scalar", False),
 ]
-TP2 = ["llama-lp-fixed-merged", "llama-none-merged", "qwen3-cqil-merged", "mistral-lp-learned-branches"]
+# TP=2: the three layouts of a branch-local group (two all-reduces, one all-reduce, an all-gather
+# and an all-reduce; the branches form loads into the same layout as the merged one) and Qwen3's
+# per-branch head norms sharded by rank. Each TP=2 start costs about 45 s of worker start-up.
+TP2 = ["llama-lp-fixed-merged", "llama-none-merged", "qwen3-cqil-merged"]
 PROMPTS = [[3, 17, 42, 5, 88, 23, 61], [11, 4, 90, 33]]
 
 
