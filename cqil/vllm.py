@@ -263,7 +263,9 @@ class CqilGroup(nn.Module):
     def layout(self) -> str:
         """How this group runs under the current TP size, and which collectives it calls."""
         n = self.tp_size
-        if self.shared:
+        if n == 1:
+            how = "one rank, no collectives"
+        elif self.shared:
             how = "one plain wide layer: all-reduce after attention, all-reduce after the MLPs"
         elif self.branch_local and self.mix is None:
             how = "one all-reduce of sum_j (a_j + m_j)"
