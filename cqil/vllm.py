@@ -273,7 +273,9 @@ class CqilGroup(nn.Module):
             how = "all-gather of the attention outputs, all-reduce after the MLPs"
         else:
             how = "fallback (heads straddle ranks): all-reduce of every branch's attention output, then of the MLPs"
-        place = f"{self.degree // n} branch(es) per rank" if self.branch_local else "branches split across ranks"
+        place = (
+            f"{self.degree // n} branch(es) per rank" if self.branch_local else "branches split across ranks"
+        )
         return f"{self.where}: bypass {self.bypass}, tp {n}, {place}; {how}"
 
     # ------------------------------------------------------------------ loading
@@ -285,8 +287,9 @@ class CqilGroup(nn.Module):
         r0, r1 = self.mlp_rows
         if name in ("qkv_proj.weight", "qkv_proj.bias"):
             q, k, v = tensor.split([p * h * hd, p * hkv * hd, p * hkv * hd], dim=0)
-            target, value = (self.qkv_weight if name.endswith("weight") else self.qkv_bias), torch.cat(
-                [q[q0:q1], k[k0:k1], v[k0:k1]]
+            target, value = (
+                (self.qkv_weight if name.endswith("weight") else self.qkv_bias),
+                torch.cat([q[q0:q1], k[k0:k1], v[k0:k1]]),
             )
         elif name == "o_proj.weight":
             target, value = self.o_weight, tensor[:, q0:q1]
@@ -350,7 +353,9 @@ class CqilGroup(nn.Module):
             "down_proj.weight": torch.cat([get(j, "mlp.down_proj.weight") for j in range(p)], dim=1),
         }
         if self.bias["qkv"]:
-            merged["qkv_proj.bias"] = torch.cat([get(j, f"self_attn.{x}_proj.bias") for x in "qkv" for j in range(p)])
+            merged["qkv_proj.bias"] = torch.cat(
+                [get(j, f"self_attn.{x}_proj.bias") for x in "qkv" for j in range(p)]
+            )
         if self.bias["o"]:
             merged["o_bias"] = torch.stack([get(j, "self_attn.o_proj.bias") for j in range(p)])
         if self.bias["mlp"]:
@@ -409,7 +414,9 @@ class CqilGroup(nn.Module):
         expected = {name for name, value in self.named_parameters(recurse=False) if value is not None}
         missing = expected - self._loaded
         if missing:
-            raise ValueError(f"group {list(self.indices)}: weights missing from the export: {sorted(missing)}")
+            raise ValueError(
+                f"group {list(self.indices)}: weights missing from the export: {sorted(missing)}"
+            )
         if self.gates is None:
             self.mix = None
             return
@@ -527,9 +534,14 @@ def _decoder_layer(config, vllm_config, prefix: str) -> nn.Module:
     elif model_type == "qwen3":
         from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer as layer_cls
     else:
-        raise ValueError(f"base model_type {model_type!r} is not supported (expected one of {BASE_MODEL_TYPES})")
+        raise ValueError(
+            f"base model_type {model_type!r} is not supported (expected one of {BASE_MODEL_TYPES})"
+        )
     return layer_cls(
-        config=config, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=prefix
+        config=config,
+        cache_config=vllm_config.cache_config,
+        quant_config=vllm_config.quant_config,
+        prefix=prefix,
     )
 
 
@@ -543,7 +555,9 @@ class CqilModel(nn.Module):
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
         if get_pp_group().world_size > 1:
-            raise ValueError("cqil exports do not support pipeline parallelism in vLLM (use tensor parallelism)")
+            raise ValueError(
+                "cqil exports do not support pipeline parallelism in vLLM (use tensor parallelism)"
+            )
         hf_config = vllm_config.model_config.hf_config
         config = hf_config.get_text_config()
         cqil = dict(hf_config.cqil)
@@ -571,7 +585,12 @@ class CqilModel(nn.Module):
             if indices in groups:
                 layers.append(
                     CqilGroup(
-                        config, cqil, indices, vllm_config=vllm_config, prefix=layer_prefix, folded=self.folded
+                        config,
+                        cqil,
+                        indices,
+                        vllm_config=vllm_config,
+                        prefix=layer_prefix,
+                        folded=self.folded,
                     )
                 )
             else:
@@ -610,7 +629,10 @@ _STACKED = [
 class CqilForCausalLM(nn.Module):
     """A cqil export (``architectures: ["CqilForCausalLM"]``) in vLLM's model interface."""
 
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
@@ -673,11 +695,8 @@ class CqilForCausalLM(nn.Module):
                 loaded.add(name)
         for idx, tensors in pending.items():
             group = layers[idx]
-            if self.model.folded:
-                attrs = group.load_folded(tensors)
-            else:
-                # Gates sit outside the branches in the branches form.
-                attrs = group.load_branches(tensors)
+            # (In the branches form the gates sit outside the branches and were loaded above.)
+            attrs = group.load_folded(tensors) if self.model.folded else group.load_branches(tensors)
             loaded.update(f"model.layers.{idx}.{a}" for a in attrs)
         from vllm.logger import init_logger
 

@@ -87,7 +87,12 @@ def tiny_model(arch: str, seed: int = 0):
             "original_max_position_embeddings": 32,
         }
         config = LlamaConfig(
-            **COMMON, head_dim=32, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_parameters=rope
+            **COMMON,
+            head_dim=32,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rope_parameters=rope,
         )
         model = LlamaForCausalLM(config)
     elif arch == "mistral":
@@ -143,7 +148,13 @@ def build_export(spec, root: Path) -> Path:
     model = tiny_model(arch)
     fold = form == "folded"
     cqil.parallelize(
-        model, PLAN, bypass=bypass, bypass_distance=1, gates=gates, form="merged" if fold else form, gate_shape=gate_shape
+        model,
+        PLAN,
+        bypass=bypass,
+        bypass_distance=1,
+        gates=gates,
+        form="merged" if fold else form,
+        gate_shape=gate_shape,
     )
     if perturb:
         perturb_gates(model)
@@ -186,7 +197,9 @@ def compare(ref: dict, got: dict) -> tuple[float, float, list[str]]:
             agree += 1
         equal += agree
         if agree < len(ref_tokens):
-            problems.append(f"prompt {p}: tokens differ from step {agree}: vllm {got_tokens} vs transformers {ref_tokens}")
+            problems.append(
+                f"prompt {p}: tokens differ from step {agree}: vllm {got_tokens} vs transformers {ref_tokens}"
+            )
         for t in range(min(agree + 1, len(got_tokens))):
             for tok, lp in got["logprobs"][p][t].items():
                 max_diff = max(max_diff, abs(lp - ref["logprobs"][p][t, int(tok)].item()))
@@ -211,13 +224,23 @@ def served(tmp_path_factory):
         for tp in (1, 2) if name in TP2 else (1,):
             case = f"{name}-tp{tp}"
             refs[case] = ref
-            runs.append(dict(name=case, model=str(folder), tp=tp, prompts=PROMPTS, max_tokens=MAX_TOKENS, logprobs=TOP_K))
+            runs.append(
+                dict(
+                    name=case,
+                    model=str(folder),
+                    tp=tp,
+                    prompts=PROMPTS,
+                    max_tokens=MAX_TOKENS,
+                    logprobs=TOP_K,
+                )
+            )
 
     # The real model: SmolLM2-135M with plan 14-26:2 (lp, learned gates at their initial 1), its tokenizer.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import cqil
     from cqil.export import export_model
     from cqil.pretrained import fetch_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = fetch_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -225,10 +248,21 @@ def served(tmp_path_factory):
     cqil.parallelize(model, SMOLLM_PLAN, bypass="lp")
     folder = export_model(model, root / "smollm2-lp", tokenizer=tokenizer)
     del model
-    prompts = [tokenizer("The capital of France is")["input_ids"], tokenizer("def fibonacci(n):")["input_ids"]]
+    prompts = [
+        tokenizer("The capital of France is")["input_ids"],
+        tokenizer("def fibonacci(n):")["input_ids"],
+    ]
     refs["smollm2-lp-tp1"] = reference(folder, prompts)
     runs.append(
-        dict(name="smollm2-lp-tp1", model=str(folder), tp=1, prompts=prompts, max_tokens=MAX_TOKENS, logprobs=TOP_K, tokenizer=True)
+        dict(
+            name="smollm2-lp-tp1",
+            model=str(folder),
+            tp=1,
+            prompts=prompts,
+            max_tokens=MAX_TOKENS,
+            logprobs=TOP_K,
+            tokenizer=True,
+        )
     )
 
     request, result = root / "request.json", root / "result.json"
@@ -267,7 +301,9 @@ def test_vllm_matches_transformers(case, served):
     assert got is not None, f"{case}: vLLM did not run it"
     assert "error" not in got, f"{case}: {got['error']}\n{got.get('traceback', '')}"
     agreement, max_diff, problems = compare(ref, got)
-    print(f"{case}: greedy tokens equal {agreement:.0%}, max |logprob diff| {max_diff:.2e}, {got.get('seconds')}")
+    print(
+        f"{case}: greedy tokens equal {agreement:.0%}, max |logprob diff| {max_diff:.2e}, {got.get('seconds')}"
+    )
     assert not problems, f"{case}: " + "; ".join(problems)
     assert max_diff <= LOGPROB_ATOL, f"{case}: max |logprob diff| {max_diff:.2e} > {LOGPROB_ATOL}"
 

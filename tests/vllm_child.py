@@ -57,11 +57,19 @@ def run_one(run: dict) -> dict:
     llm = LLM(**kwargs)
     built = time.perf_counter()
     params = SamplingParams(
-        temperature=0, max_tokens=run["max_tokens"], logprobs=run["logprobs"], ignore_eos=True, detokenize=False
+        temperature=0,
+        max_tokens=run["max_tokens"],
+        logprobs=run["logprobs"],
+        ignore_eos=True,
+        detokenize=False,
     )
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in run["prompts"]], params)
     generated = time.perf_counter()
-    result = {"tokens": [], "logprobs": [], "seconds": {"build": built - start, "generate": generated - built}}
+    result = {
+        "tokens": [],
+        "logprobs": [],
+        "seconds": {"build": built - start, "generate": generated - built},
+    }
     for out in outputs:
         completion = out.outputs[0]
         result["tokens"].append(list(completion.token_ids))
@@ -74,13 +82,17 @@ def run_one(run: dict) -> dict:
 
 
 def main() -> None:
-    request = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as f:
+        request = json.load(f)
     results = {}
     for run in request["runs"]:
         try:
             results[run["name"]] = run_one(run)
         except Exception as e:  # report and go on: one failing case must not hide the others
-            results[run["name"]] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-6000:]}
+            results[run["name"]] = {
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-6000:],
+            }
         with open(sys.argv[2], "w") as f:
             json.dump(results, f)
 
