@@ -111,6 +111,7 @@ def test_impossible_plan(capsys, tmp_path, tiny_model_dir):
     assert not out.exists()  # refused before any measurement
 
 
+@pytest.mark.integration
 def test_analyze_end_to_end(tmp_path, tiny_model_dir):
     data = write_corpus(tmp_path / "calib.jsonl.gz")
     out = tmp_path / "report"

@@ -39,6 +39,8 @@ from cqil.serving.concurrent import (
 from cqil.serving.serve import main as serve_main
 from cqil.testing import VOCAB, make_model, make_tokenizer
 
+pytestmark = pytest.mark.distributed
+
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 6
 TIMEOUT_S = 120
@@ -299,7 +301,6 @@ def export(tmp_path_factory):
     return folder, tokenizer
 
 
-@pytest.mark.integration
 def test_serve_prints_what_the_whole_model_generates(export):
     folder, tokenizer = export
     prompt = "the river flows to the"
@@ -348,7 +349,6 @@ def test_serve_errors_name_the_problem(export, tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------- bench
 
 
-@pytest.mark.integration
 def test_bench_tiny_prints_the_summary():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = run_command([sys.executable, "bench/concurrent_groups.py", "--tiny"], env)

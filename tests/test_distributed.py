@@ -22,7 +22,7 @@ import pytest
 
 from cqil.testing import make_model, make_tokenizer, write_corpus
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "ddp": ROOT / "launch/accelerate/cpu_ddp.yaml",

@@ -174,6 +174,7 @@ def round_trip(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.integration
 def test_round_trip_in_a_fresh_process(arch, round_trip):
     diffs = {}
     for name, (folder, logits, tokens, got_logits, got_tokens) in round_trip.items():

@@ -96,6 +96,7 @@ def _choice_logprob(model, tokenizer, context: str, choice: str) -> float:
     return sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
 
 
+@pytest.mark.integration
 def test_lm_eval_runs_on_the_in_memory_model_and_agrees_with_a_direct_computation(tmp_path):
     model, tokenizer = make_model("llama").eval(), make_tokenizer()
     docs = write_task(tmp_path / "tasks")
@@ -109,6 +110,7 @@ def test_lm_eval_runs_on_the_in_memory_model_and_agrees_with_a_direct_computatio
     assert results["tiny_choice"]["acc"] == pytest.approx(expected)
 
 
+@pytest.mark.integration
 def test_the_shipped_local_tasks_are_known_offline():
     manager = task_manager()
     assert {"cqil_next_sentence", "cqil_last_word", "cqil_next_line"} <= set(manager.all_tasks)
@@ -255,6 +257,7 @@ def exported(tmp_path_factory):
     return root, recovered
 
 
+@pytest.mark.integration
 def test_evaluate_measures_the_three_stages_on_the_same_tokens(exported, tmp_path):
     root, recovered = exported
     report = evaluate(

@@ -30,6 +30,8 @@ from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import parallelize, trainable_parameters
 from cqil.testing import make_model, make_tokenizer, write_corpus, write_task
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():

@@ -43,7 +43,10 @@ def _vllm_problem() -> str | None:
     if not VENV_PYTHON.is_file():
         return f"{VENV_PYTHON} is missing: run scripts/setup_engines.sh vllm"
     probe = subprocess.run(
-        [str(VENV_PYTHON), "-c", "import vllm, cqil.serving.vllm"], capture_output=True, text=True, timeout=300
+        [str(VENV_PYTHON), "-c", "import vllm, cqil.serving.vllm"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if probe.returncode != 0:
         return f"vllm or cqil.serving.vllm does not import in {VENV_PYTHON}: {probe.stderr.strip()[-500:]}"
@@ -142,7 +145,7 @@ PROMPTS = [[3, 17, 42, 5, 88, 23, 61], [11, 4, 90, 33]]
 
 def build_export(spec, root: Path) -> Path:
     import cqil
-    from cqil.export import export_model
+    from cqil.export.write import export_model
 
     name, arch, bypass, gates, form, gate_shape, perturb = spec
     model = tiny_model(arch)
@@ -163,7 +166,7 @@ def build_export(spec, root: Path) -> Path:
 
 def reference(folder: Path, prompts) -> dict:
     """Greedy tokens and per-step log-softmax of transformers' logits for the export at ``folder``."""
-    from cqil.export import load_export
+    from cqil.export.load import load_export
 
     model = load_export(folder, dtype="float32")
     tokens, logprobs = [], []
@@ -177,10 +180,6 @@ def reference(folder: Path, prompts) -> dict:
                 output_logits=True,
                 return_dict_in_generate=True,
                 pad_token_id=0,
-                # Every step a full forward: with transformers 5.24 the groups of cqil.group do not see
-                # the KV cache (it is passed as `cache=`, the groups read `past_key_values`), so a
-                # cached generate would be a different function in the groups.
-                use_cache=False,
             )
         tokens.append(out.sequences[0, len(ids) :].tolist())
         logprobs.append(torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.logits]))
@@ -239,7 +238,7 @@ def served(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import cqil
-    from cqil.export import export_model
+    from cqil.export.write import export_model
     from cqil.pretrained import fetch_model
 
     source = fetch_model("smollm2-135m")

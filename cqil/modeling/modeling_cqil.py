@@ -45,7 +45,7 @@ from .cqil_group import (
 def wide_layer(decoder_cls: type, config, layer_idx: int, degree: int) -> nn.Module:
     """A plain decoder layer with ``degree`` x heads, key/value heads and intermediate size.
 
-    An ``lp`` group with every gate at 1 is exactly such a layer (see DESIGN.md). Widths are fixed
+    An ``lp`` group with every gate at 1 is exactly such a layer (see docs/design.md). Widths are fixed
     when the layer is built, from a widened copy of ``config``; afterwards every submodule points at
     the shared ``config`` again, so run-time switches such as the attention implementation apply to
     this layer like to any other.

@@ -1,6 +1,6 @@
 """The parallel group: P consecutive decoder layers that read the same input.
 
-For a group of original layers 1..P with input x (see DESIGN.md, "The math of one group"):
+For a group of original layers 1..P with input x (see docs/design.md, "The math of one group"):
 
     a_j = A_j(N_j(x))                              every branch reads the same x
     u_j = x + a_j + sum_{k != j} G[j,k] * a_k      bypass: gated attention outputs of the other branches

@@ -8,7 +8,7 @@ single-layer groups, final norm, LM head) is replicated and computed by every ra
 ends a forward with the same logits and greedy decoding runs in lockstep without broadcasting
 tokens. A group needs P <= N.
 
-What a group exchanges follows the math of a group (DESIGN.md), for branch j on rank j::
+What a group exchanges follows the math of a group (docs/design.md), for branch j on rank j::
 
     a_j = A_j(N_j(x))
     u_j = x + a_j + sum_{k != j} G[j,k] a_k
