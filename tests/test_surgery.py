@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md, "The math of one group", checked on tiny models of every architecture."""
+"""The contract of docs/design.md, "The math of one group", checked on tiny models of every architecture."""
 
 from __future__ import annotations
 
