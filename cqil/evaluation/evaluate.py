@@ -59,7 +59,7 @@ def evaluate(
     """
     import copy
 
-    from cqil.evaluation.report import by_source, gap_closed, plan_summary, write_report
+    from cqil.evaluation.report import build_report, plan_summary, write_report
     from cqil.export.load import check_export, load_export
     from cqil.files import check_out_dir
     from cqil.pretrained import EMBEDDED_MODELS, fetch_model, load_model
@@ -121,22 +121,14 @@ def evaluate(
             form=cqil["form"],
         )
         stages = {"original": original, "parallelized": rebuilt, "recovered": model}
-    report: dict = {
-        "schema_version": 1,
-        "base_model": getattr(original, "name_or_path", None) if original is not None else None,
-        "plan": plan_summary(plan, cqil),
-    }
+    perplexity_results = lm_eval = latency_result = None
     if data is not None:
-        results = {
+        perplexity_results = {
             name: perplexity(m, tokens, sources=sources, batch_size=batch_size, progress=progress)
             for name, m in stages.items()
         }
-        report["perplexity"] = {k: {n: v[n] for n in ("ppl", "nll", "tokens")} for k, v in results.items()}
-        report["perplexity_by_source"] = by_source(results)
-        report["gap_closed"] = gap_closed(report["perplexity"])
-        report["eval_dataset"] = ", ".join(map(str, paths))
     if tasks:
-        report["lm_eval"] = {
+        lm_eval = {
             name: lm_eval_tasks(
                 m,
                 tokenizer,
@@ -148,12 +140,22 @@ def evaluate(
             )
             for name, m in stages.items()
         }
-        report["lm_eval_settings"] = {"tasks": list(tasks), "limit": task_limit, "num_fewshot": num_fewshot}
     if latency and original is not None:
-        report["latency"] = measure_latency(
+        latency_result = measure_latency(
             {"original": original, "recovered": model}, reps=latency_reps, progress=progress
         )
-        report["latency"]["ideal"] = round(plan.ideal_speedup, 4)
+        latency_result["ideal"] = round(plan.ideal_speedup, 4)
+    report = build_report(
+        base_model=getattr(original, "name_or_path", None) if original is not None else None,
+        plan=plan_summary(plan, cqil),
+        perplexity_results=perplexity_results,
+        eval_dataset=", ".join(map(str, paths)) if data is not None else None,
+        lm_eval=lm_eval,
+        lm_eval_settings={"tasks": list(tasks), "limit": task_limit, "num_fewshot": num_fewshot}
+        if tasks
+        else None,
+        latency=latency_result,
+    )
     if out_dir is not None:
         sim = None
         if original is not None and data is not None:

@@ -75,6 +75,43 @@ def plan_summary(plan, options: Mapping, *, mode: str = "parallel") -> dict:
     }
 
 
+def build_report(
+    *,
+    base_model: str | None,
+    plan: dict,
+    perplexity_results: Mapping[str, Mapping] | None = None,
+    eval_dataset: str | None = None,
+    lm_eval: Mapping | None = None,
+    lm_eval_settings: Mapping | None = None,
+    latency: Mapping | None = None,
+    **extra,
+) -> dict:
+    """The ``report.json`` content (schema above) from what was measured; both the trainer and
+    ``cqil evaluate`` build their reports here, so the two always have the same shape.
+
+    ``perplexity_results`` are :func:`cqil.evaluation.metrics.perplexity` results by stage; ``extra``
+    are further top-level keys of the schema (``steps``, ``tokens_trained``, ``datasets``, ...).
+    """
+    report: dict = {"schema_version": SCHEMA_VERSION, "base_model": base_model, "plan": plan}
+    if perplexity_results:
+        report["perplexity"] = {
+            stage: {n: perplexity_results[stage][n] for n in ("ppl", "nll", "tokens")}
+            for stage in STAGES
+            if stage in perplexity_results
+        }
+        report["perplexity_by_source"] = by_source(perplexity_results)
+        report["gap_closed"] = gap_closed(report["perplexity"])
+    if eval_dataset is not None:
+        report["eval_dataset"] = eval_dataset
+    if lm_eval:
+        report["lm_eval"] = dict(lm_eval)
+        report["lm_eval_settings"] = dict(lm_eval_settings or {})
+    if latency is not None:
+        report["latency"] = dict(latency)
+    report |= {k: v for k, v in extra.items() if v is not None}
+    return report
+
+
 def gap_closed(perplexity: Mapping) -> float | None:
     """The fraction of the rewrite's perplexity loss that recovery won back, or None if unknown."""
     try:
