@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from cqil.errors import DataError, DataNotFoundError
 from cqil.recovery.data import calibration_tokens, expand_paths, iter_records, pack_tokens
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -257,6 +258,209 @@ def test_stream_source_without_documents_is_named(tmp_path, tokenizer):
     from cqil.recovery.data import TokenStream
 
     path = write_jsonl(tmp_path / "d.jsonl", stream_docs(10))
-    stream = TokenStream(tokenizer, [path], seq_len=4, mixture={"RedPajamaArXiv": 1.0})
-    with pytest.raises(ValueError, match="RedPajamaArXiv"):
-        stream.next_batch(1)
+    with pytest.raises(ValueError, match=r"data\.mixture\.RedPajamaArXiv.*sources found: RedPajamaBook"):
+        TokenStream(tokenizer, [path], seq_len=4, mixture={"RedPajamaArXiv": 1.0}).next_batch(1)
+
+
+# ------------------------------------------------------------------------------------ sharded streams
+def shards(tmp_path: Path, n: int = 4, docs: int = 240) -> list[Path]:
+    """``n`` JSONL shards per source (the RedPajama-1T layout: one source per file)."""
+    by_source: dict[str, list[dict]] = {}
+    for doc in stream_docs(docs):
+        by_source.setdefault(doc["meta"]["redpajama_set_name"], []).append(doc)
+    return [
+        write_jsonl(tmp_path / f"{source}-{i}.jsonl", records[i::n])
+        for source, records in sorted(by_source.items())
+        for i in range(n)
+    ]
+
+
+def test_each_rank_opens_only_its_own_shards(tmp_path, tokenizer, monkeypatch):
+    from cqil.recovery import data
+
+    files = shards(tmp_path)
+    opened: list[str] = []
+    original = data._open_binary
+    monkeypatch.setattr(data, "_open_binary", lambda p: opened.append(Path(p).name) or original(p))
+    kw = dict(seq_len=8, mixture={"RedPajamaBook": 1.0, "RedPajamaGithub": 1.0, "RedPajamaWikipedia": 1.0})
+    blocks = []
+    for rank in range(2):
+        stream = data.TokenStream(tokenizer, files, rank=rank, world_size=2, **kw)
+        opened.clear()
+        blocks.append(stream.next_batch(60))  # more than one epoch of the rank's shards
+        assert opened and {int(name.split("-")[1][0]) % 2 for name in opened} == {rank}, opened
+    assert not torch.equal(blocks[0], blocks[1])
+
+
+def test_resume_restores_the_position_without_replaying(tmp_path, tokenizer, monkeypatch):
+    """The restored state starts in the current shard: the earlier shards are never opened."""
+    from cqil.recovery import data
+
+    files = shards(tmp_path, n=6)
+    kw = dict(seq_len=8, mixture={"RedPajamaBook": 2.0, "RedPajamaWikipedia": 1.0}, seed=3)
+    stream = data.TokenStream(tokenizer, files, **kw)
+    stream.next_batch(45)
+    state = stream.state_dict()
+    expected = stream.next_batch(80)
+    resumed = data.TokenStream(tokenizer, files, **kw)  # (peeks at every file's head)
+    opened: list[str] = []
+    original = data._open_binary
+    monkeypatch.setattr(data, "_open_binary", lambda p: opened.append(Path(p).name) or original(p))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next_batch(80), expected)
+    for i, name in enumerate(["RedPajamaBook", "RedPajamaWikipedia"]):
+        shard = dict(_shard_positions(state["dataset"]))[i]
+        assert shard > 0  # the test reaches past the first shard of each source
+        assert [n for n in opened if n.startswith(name)][0] == f"{name}-{shard}.jsonl", opened
+
+
+def _shard_positions(state):
+    inner = state["examples_iterable"]
+    for i, source in enumerate(inner["previous_states"]):
+        if source is not None:
+            yield i, source["examples_iterable"]["shard_idx"]
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, tokenizer):
+    from cqil.recovery.data import TokenStream
+
+    files = shards(tmp_path)
+    stream = TokenStream(tokenizer, files, rank=0, world_size=2, seq_len=8)
+    stream.next_batch(3)
+    with pytest.raises(ValueError, match=r"saved by 2 processes, this run has 4.*same number of processes"):
+        TokenStream(tokenizer, files, rank=0, world_size=4, seq_len=8).load_state_dict(stream.state_dict())
+    with pytest.raises(ValueError, match="changed since"):
+        TokenStream(tokenizer, files[:-1], rank=0, world_size=2, seq_len=8).load_state_dict(
+            stream.state_dict()
+        )
+
+
+def test_state_survives_torch_save_weights_only(tmp_path, tokenizer):
+    from cqil.recovery.data import TokenStream
+
+    kw = dict(seq_len=8, mixture={"RedPajamaBook": 1.0, "RedPajamaGithub": 1.0}, seed=1)
+    stream = TokenStream(tokenizer, shards(tmp_path), **kw)
+    stream.next_batch(7)
+    torch.save(stream.state_dict(), tmp_path / "state.pt")
+    expected = stream.next_batch(20)
+    resumed = TokenStream(tokenizer, shards(tmp_path), **kw)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert torch.equal(resumed.next_batch(20), expected)
+
+
+@pytest.mark.parametrize("layout", ["jsonl.zst", "parquet"])
+def test_hub_code_path_on_a_local_repository_layout(tmp_path, tokenizer, layout):
+    """``hf://<id>`` goes through ``load_dataset(id, split=..., streaming=True)``; here the id is a
+    local folder laid out like cerebras/SlimPajama-627B (``train/chunk1/example_train_<i>.jsonl.zst``)
+    or a Parquet conversion (``data/train-0000<i>-of-00004.parquet``), same fields."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from cqil.recovery.data import TokenStream, check_data
+    from cqil.recovery.recipe import DataConfig
+
+    repo = tmp_path / "SlimPajama-627B"
+    docs = stream_docs(400)
+    for i in range(4):
+        part = docs[i::4]
+        if layout == "parquet":
+            (repo / "data").mkdir(parents=True, exist_ok=True)
+            meta = [json.dumps(d["meta"]) for d in part]  # meta as a JSON string, as some dumps have it
+            table = pa.table({"text": [d["text"] for d in part], "meta": meta})
+            pq.write_table(table, repo / "data" / f"train-{i:05d}-of-00004.parquet")
+        else:
+            (repo / "train" / "chunk1").mkdir(parents=True, exist_ok=True)
+            body = "".join(json.dumps(d) + "\n" for d in part).encode()
+            (repo / "train" / "chunk1" / f"example_train_{i}.jsonl.zst").write_bytes(zstandard.compress(body))
+    spec = f"hf://{repo}"
+    config = DataConfig(train=[spec], mixture={"RedPajamaBook": 1.0, "RedPajamaGithub": 1.0})
+    assert check_data(config) == SOURCES
+    kw = dict(seq_len=8, mixture=config.mixture, seed=2, split="train", heldout_fraction=0.1)
+    stream = TokenStream(tokenizer, [spec], rank=1, world_size=2, **kw)
+    assert stream.dataset.num_shards == 2  # this rank's two files of four
+    stream.next_batch(30)
+    state = stream.state_dict()
+    expected = stream.next_batch(40)
+    resumed = TokenStream(tokenizer, [spec], rank=1, world_size=2, **kw)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next_batch(40), expected)
+    wiki = {d["text"] for d in docs if d["meta"]["redpajama_set_name"] == "RedPajamaWikipedia"}
+    assert not any(stream._next_document() in wiki for _ in range(50))
+    with pytest.raises(ValueError, match=r"data\.mixture\.RedPajamaArXiv.*RedPajamaBook, RedPajamaGithub"):
+        check_data(DataConfig(train=[spec], mixture={"RedPajamaArXiv": 1.0}))
+
+
+# ------------------------------------------------------------------------------------ bad input, caught early
+def _gz(path: Path, body: bytes) -> Path:
+    path.write_bytes(gzip.compress(body))
+    return path
+
+
+def _bad_utf8(tmp_path):
+    body = (json.dumps(rp("w0")) + "\n").encode() * 3 + b'{"text": "w1 \xff\xfe"}\n'
+    return [_gz(tmp_path / "bad-utf8.jsonl.gz", body)], None
+
+
+def _truncated(tmp_path):
+    data = gzip.compress((json.dumps(rp("w0 w1 w2")) + "\n").encode() * 2000)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) - 40])
+    return [path], None
+
+
+def _not_gzip(tmp_path):
+    path = tmp_path / "plain.jsonl.gz"
+    path.write_text(json.dumps(rp("w0")) + "\n")
+    return [path], None
+
+
+def _empty_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return [tmp_path / "empty"], None
+
+
+def _no_match(tmp_path):
+    return [str(tmp_path / "shard-*.jsonl.zst")], None
+
+
+def _absent_source(tmp_path):
+    return [write_jsonl(tmp_path / "d.jsonl", stream_docs(30))], {"RedPajamaArXiv": 0.5, "RedPajamaBook": 0.5}
+
+
+BAD_INPUT = {
+    "glob matching nothing": (_no_match, DataNotFoundError, r"data\.train: .*shard-\*\.jsonl\.zst"),
+    "empty directory": (_empty_dir, DataNotFoundError, r"data\.train: .*empty"),
+    "mixture source absent": (
+        _absent_source,
+        DataError,
+        r"data\.mixture\.RedPajamaArXiv.*sources found: RedPajamaBook, RedPajamaGithub, RedPajamaWikipedia",
+    ),
+    "not gzip": (_not_gzip, DataError, r"plain\.jsonl\.gz:1: damaged or truncated"),
+    "truncated gzip": (_truncated, DataError, r"cut\.jsonl\.gz:\d+: damaged or truncated"),
+    "invalid UTF-8": (_bad_utf8, DataError, r"bad-utf8\.jsonl\.gz:4: invalid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_check_data_names_the_culprit(tmp_path, case):
+    from cqil.recovery.data import check_data
+    from cqil.recovery.recipe import DataConfig
+
+    setup, error, message = BAD_INPUT[case]
+    train, mixture = setup(tmp_path)
+    with pytest.raises(error, match=message) as caught:
+        check_data(DataConfig(train=[str(p) for p in train], mixture=mixture), source="r.yaml")
+    assert type(caught.value) is error
+
+
+def test_damaged_shard_mid_run_is_named_by_the_stream(tmp_path, tokenizer):
+    from cqil.recovery.data import TokenStream, check_data
+    from cqil.recovery.recipe import DataConfig
+
+    good = write_jsonl(tmp_path / "a-0.jsonl.gz", stream_docs(100))
+    (bad,), _ = _truncated(tmp_path)
+    check_data(DataConfig(train=[str(good), str(bad)]), full_check_bytes=1)  # bad is beyond the budget
+    stream = TokenStream(tokenizer, [good, bad], seq_len=8)
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: damaged or truncated gzip"):
+        stream.next_batch(10_000)

@@ -56,7 +56,7 @@ from cqil._compat import (
 )
 from cqil.errors import OutputDirError
 from cqil.files import staged_folder, write_atomic
-from cqil.recovery.data import TokenStream, heldout_blocks, in_heldout, iter_records, pack_tokens
+from cqil.recovery.data import TokenStream, check_data, heldout_blocks, in_heldout, iter_records, pack_tokens
 from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss
 from cqil.recovery.recipe import Recipe, RecipeError, recipe_to_dict
 from cqil.rewrite.plan import GroupPlan
@@ -446,6 +446,7 @@ class RecoveryTrainer:
         set_seed(t.seed)
         self.log(f"cqil: {acc.num_processes} process(es), {acc.distributed_type}, output {self.output_dir}")
 
+        check_data(r.data, self.source)  # bad paths, shards or mixture: one error before the weights load
         model, self.tokenizer = self._load_model()
         n_layers = model.config.num_hidden_layers
         groups = r.parallelize.groups
