@@ -1,4 +1,4 @@
-"""The training data pipeline (:class:`cqil.recovery.data.TokenStream`): throughput and resume time.
+"""The training data pipeline (:class:`cqil.recovery.stream.TokenStream`): throughput and resume time.
 
 Generates a local RedPajama-shaped corpus of ``--size-gb`` GB (plain JSONL on disk, ``--shards``
 files, one source label per file as in RedPajama-1T's per-source layout, seven labels: the
@@ -90,7 +90,7 @@ def tokenizer():
 
 
 def throughput(tok, files, mixture, seq_len, seconds) -> float:
-    from cqil.recovery.data import TokenStream
+    from cqil.recovery.stream import TokenStream
 
     stream = TokenStream(tok, files, seq_len=seq_len, mixture=mixture, seed=0)
     stream.next_batch(2)  # warm up: open the files, first tokenizer calls
@@ -102,7 +102,7 @@ def throughput(tok, files, mixture, seq_len, seconds) -> float:
 
 
 def resume(tok, files, documents: int, share: float) -> dict:
-    from cqil.recovery.data import TokenStream
+    from cqil.recovery.stream import TokenStream
 
     stream = TokenStream(tok, files, seq_len=128)
     start = time.perf_counter()

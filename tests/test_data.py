@@ -213,7 +213,8 @@ def stream_docs(n: int = 200) -> list[dict]:
 
 
 def test_heldout_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
-    from cqil.recovery.data import TokenStream, heldout_tokens, in_heldout
+    from cqil.recovery.data import heldout_tokens, in_heldout
+    from cqil.recovery.stream import TokenStream
 
     path = write_jsonl(tmp_path / "d.jsonl", stream_docs())
     texts = [t for t, _ in iter_records(path)]
@@ -228,7 +229,7 @@ def test_heldout_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
 
 
 def test_stream_mixture_sharding_and_exact_resume(tmp_path, tokenizer):
-    from cqil.recovery.data import TokenStream
+    from cqil.recovery.stream import TokenStream
 
     path = write_jsonl(tmp_path / "d.jsonl", stream_docs())
     kw = dict(seq_len=8, mixture={"RedPajamaBook": 3.0, "RedPajamaGithub": 1.0}, seed=5)
@@ -255,7 +256,7 @@ def test_stream_mixture_sharding_and_exact_resume(tmp_path, tokenizer):
 
 
 def test_stream_source_without_documents_is_named(tmp_path, tokenizer):
-    from cqil.recovery.data import TokenStream
+    from cqil.recovery.stream import TokenStream
 
     path = write_jsonl(tmp_path / "d.jsonl", stream_docs(10))
     with pytest.raises(ValueError, match=r"data\.mixture\.RedPajamaArXiv.*sources found: RedPajamaBook"):
@@ -277,6 +278,7 @@ def shards(tmp_path: Path, n: int = 4, docs: int = 240) -> list[Path]:
 
 def test_each_rank_opens_only_its_own_shards(tmp_path, tokenizer, monkeypatch):
     from cqil.recovery import data
+    from cqil.recovery.stream import TokenStream
 
     files = shards(tmp_path)
     opened: list[str] = []
@@ -285,7 +287,7 @@ def test_each_rank_opens_only_its_own_shards(tmp_path, tokenizer, monkeypatch):
     kw = dict(seq_len=8, mixture={"RedPajamaBook": 1.0, "RedPajamaGithub": 1.0, "RedPajamaWikipedia": 1.0})
     blocks = []
     for rank in range(2):
-        stream = data.TokenStream(tokenizer, files, rank=rank, world_size=2, **kw)
+        stream = TokenStream(tokenizer, files, rank=rank, world_size=2, **kw)
         opened.clear()
         blocks.append(stream.next_batch(60))  # more than one epoch of the rank's shards
         assert opened and {int(name.split("-")[1][0]) % 2 for name in opened} == {rank}, opened
@@ -295,14 +297,15 @@ def test_each_rank_opens_only_its_own_shards(tmp_path, tokenizer, monkeypatch):
 def test_resume_restores_the_position_without_replaying(tmp_path, tokenizer, monkeypatch):
     """The restored state starts in the current shard: the earlier shards are never opened."""
     from cqil.recovery import data
+    from cqil.recovery.stream import TokenStream
 
     files = shards(tmp_path, n=6)
     kw = dict(seq_len=8, mixture={"RedPajamaBook": 2.0, "RedPajamaWikipedia": 1.0}, seed=3)
-    stream = data.TokenStream(tokenizer, files, **kw)
+    stream = TokenStream(tokenizer, files, **kw)
     stream.next_batch(45)
     state = stream.state_dict()
     expected = stream.next_batch(80)
-    resumed = data.TokenStream(tokenizer, files, **kw)  # (peeks at every file's head)
+    resumed = TokenStream(tokenizer, files, **kw)  # (peeks at every file's head)
     opened: list[str] = []
     original = data._open_binary
     monkeypatch.setattr(data, "_open_binary", lambda p: opened.append(Path(p).name) or original(p))
@@ -322,7 +325,7 @@ def _shard_positions(state):
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path, tokenizer):
-    from cqil.recovery.data import TokenStream
+    from cqil.recovery.stream import TokenStream
 
     files = shards(tmp_path)
     stream = TokenStream(tokenizer, files, rank=0, world_size=2, seq_len=8)
@@ -336,7 +339,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path, tokenizer):
 
 
 def test_state_survives_torch_save_weights_only(tmp_path, tokenizer):
-    from cqil.recovery.data import TokenStream
+    from cqil.recovery.stream import TokenStream
 
     kw = dict(seq_len=8, mixture={"RedPajamaBook": 1.0, "RedPajamaGithub": 1.0}, seed=1)
     stream = TokenStream(tokenizer, shards(tmp_path), **kw)
@@ -357,8 +360,9 @@ def test_hub_code_path_on_a_local_repository_layout(tmp_path, tokenizer, layout)
     import pyarrow.parquet as pq
     import zstandard
 
-    from cqil.recovery.data import TokenStream, check_data
+    from cqil.recovery.data_checks import check_data
     from cqil.recovery.recipe import DataConfig
+    from cqil.recovery.stream import TokenStream
 
     repo = tmp_path / "SlimPajama-627B"
     docs = stream_docs(400)
@@ -444,7 +448,7 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_check_data_names_the_culprit(tmp_path, case):
-    from cqil.recovery.data import check_data
+    from cqil.recovery.data_checks import check_data
     from cqil.recovery.recipe import DataConfig
 
     setup, error, message = BAD_INPUT[case]
@@ -455,8 +459,9 @@ def test_check_data_names_the_culprit(tmp_path, case):
 
 
 def test_damaged_shard_mid_run_is_named_by_the_stream(tmp_path, tokenizer):
-    from cqil.recovery.data import TokenStream, check_data
+    from cqil.recovery.data_checks import check_data
     from cqil.recovery.recipe import DataConfig
+    from cqil.recovery.stream import TokenStream
 
     good = write_jsonl(tmp_path / "a-0.jsonl.gz", stream_docs(100))
     (bad,), _ = _truncated(tmp_path)

@@ -269,10 +269,10 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_with_its_code(tiny_model_dir, tmp_path, monkeypatch):
-    from cqil.recovery import data
+    from cqil.recovery.stream import TokenStream
 
     calls = {"n": 0}
-    original = data.TokenStream.next_batch
+    original = TokenStream.next_batch
 
     def next_batch(self, n):
         calls["n"] += 1
@@ -280,7 +280,7 @@ def test_sigterm_checkpoints_and_exits_with_its_code(tiny_model_dir, tmp_path, m
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, n)
 
-    monkeypatch.setattr(data.TokenStream, "next_batch", next_batch)
+    monkeypatch.setattr(TokenStream, "next_batch", next_batch)
     assert run(tiny_recipe(tiny_model_dir, tmp_path / "run", save_every_steps=0)) == EXIT_PREEMPTED
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

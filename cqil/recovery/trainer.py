@@ -56,9 +56,11 @@ from cqil._compat import (
 )
 from cqil.errors import OutputDirError
 from cqil.files import staged_folder, write_atomic
-from cqil.recovery.data import TokenStream, check_data, heldout_blocks, in_heldout, iter_records, pack_tokens
+from cqil.recovery.data import heldout_blocks, in_heldout, iter_records, pack_tokens
+from cqil.recovery.data_checks import check_data
 from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss
 from cqil.recovery.recipe import Recipe, RecipeError, recipe_to_dict
+from cqil.recovery.stream import TokenStream
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import parallel_groups, parallelize, trainable_parameters
 
