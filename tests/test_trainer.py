@@ -1,4 +1,4 @@
-"""cqil.recovery.trainer on tiny local models, in one process: the shared-prefix teacher, what trains, the
+"""cqil.recovery (trainer, model, checkpoints) on tiny local models, in one process: the shared-prefix teacher, what trains, the
 optimizer state, exact resume, preemption and non-finite losses; the same in coalesce mode."""
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ import torch
 
 from cqil.evaluation.report import headline  # noqa: E402
 from cqil.export.load import load_export
+from cqil.recovery.checkpoint import list_checkpoints, state_digest
+from cqil.recovery.lora import apply_lora
+from cqil.recovery.model import RecoveryModel
 from cqil.recovery.recipe import RecipeError, recipe_from_dict
-from cqil.recovery.trainer import (
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
-    RecoveryModel,
-    RecoveryTrainer,
-    apply_lora,
-    list_checkpoints,
-    run,
-    state_digest,
-)
+from cqil.recovery.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, RecoveryTrainer, run
 from cqil.rewrite.coalescing import coalesce
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import parallelize, trainable_parameters
