@@ -7,6 +7,7 @@ the export as users load it (lm-eval, latency) and writes ``output_dir/report/``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,9 +19,9 @@ import torch
 from torch import nn
 
 from cqil._compat import zero3_init_disabled
-from cqil.errors import OutputDirError
+from cqil.errors import CqilError, OutputDirError, StorageError
 from cqil.files import staged_folder, write_atomic
-from cqil.recovery.checkpoint import state_digest
+from cqil.recovery.checkpoint import Preempted, check_weights, state_digest
 from cqil.recovery.lora import merge_lora
 from cqil.recovery.measure import run_lm_eval, run_perplexity
 from cqil.recovery.recipe import recipe_to_dict
@@ -160,6 +161,8 @@ def write_run_report(trainer: RecoveryTrainer) -> Path:
         "recipe": recipe_to_dict(recipe),
     }
     report["gap_closed"] = gap_closed(report["perplexity"])
+    if "resume" in results:  # train.resume=reset_optimizer: what changed, and at which step
+        report["resume"] = results["resume"]
     if trainer.plan_search is not None:  # groups: auto: every plan the search measured
         searched = json.loads((trainer.output_dir / trainer.plan_search["plans_json"]).read_text())
         keys = ("groups", "depth", "speedup", "ppl")
@@ -243,6 +246,7 @@ def finish_run(trainer: RecoveryTrainer, export_fn: Callable | None = None) -> d
     """Check the frozen weights, evaluate the recovered model and export it. Returns the results."""
     acc = trainer.accelerator
     trainer.model.eval()
+    check_weights(trainer)  # never export what no checkpoint would have been written of
     # Under ZeRO-3 every rank enters the gathered contexts; only the main process writes. The
     # evaluation runs outside them: ZeRO-3's forward hooks release what a forward gathered.
     with trainer._gathered():
@@ -251,6 +255,7 @@ def finish_run(trainer: RecoveryTrainer, export_fn: Callable | None = None) -> d
     if after != trainer.frozen_digest:
         raise RuntimeError("frozen weights changed during training (they must stay bit-identical)")
     trainer.results["recovered"] = run_perplexity(trainer, trainer.model.student, "recovered")
+    _stop_if_signalled(trainer, "the final evaluation")
     with trainer._gathered():
         trainer.results |= {
             "steps": trainer.step,
@@ -263,8 +268,14 @@ def finish_run(trainer: RecoveryTrainer, export_fn: Callable | None = None) -> d
         if trainer.plan_search is not None:  # groups: auto; the search's report is under plan/
             trainer.results["plan_search"] = trainer.plan_search
         if acc.is_main_process:
-            (trainer.output_dir / "eval.json").write_text(json.dumps(trainer.results, indent=1))
-            (export_fn or export_recovered)(trainer, trainable)
+            write_atomic(trainer.output_dir / "eval.json", json.dumps(trainer.results, indent=1))
+            try:
+                (export_fn or export_recovered)(trainer, trainable)
+            except CqilError:
+                raise
+            except OSError as e:  # disk full, quota: the staging folder is already gone
+                cause = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise StorageError(f"cannot write the export {trainer.output_dir / 'model'}: {cause}") from e
             labels = {"original": "original", "parallelized": trainer.before_label, "recovered": "recovered"}
             trainer.log(
                 "cqil: held-out perplexity "
@@ -279,5 +290,16 @@ def finish_run(trainer: RecoveryTrainer, export_fn: Callable | None = None) -> d
         # time one out). The optimizer state goes first, to make room for the two models.
         trainer.engine = trainer.prepared_optimizer = trainer.optimizer = None
         acc.free_memory()
+        _stop_if_signalled(trainer, "the export")
         write_run_report(trainer)
     return trainer.results
+
+
+def _stop_if_signalled(trainer: RecoveryTrainer, stage: str) -> None:
+    """A SIGTERM / SIGUSR1 during the end of a run: stop now; the last checkpoint is complete, so the
+    same command finishes the evaluation and export without training again."""
+    if trainer._stop_signal is not None:
+        raise Preempted(
+            f"signal {trainer._stop_signal} during {stage}: the training is checkpointed at step "
+            f"{trainer.step}; run again to finish the evaluation and export"
+        )

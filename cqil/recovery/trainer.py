@@ -35,9 +35,9 @@ from torch import nn
 
 from cqil._compat import unset_zero3_init
 from cqil.errors import RecipeError
-from cqil.recovery import checkpoint
+from cqil.recovery import checkpoint, preflight
 from cqil.recovery.auto_plan import search_run_plan
-from cqil.recovery.checkpoint import list_checkpoints, state_digest
+from cqil.recovery.checkpoint import NonFiniteWeightsError, Preempted, list_checkpoints, state_digest
 from cqil.recovery.data import TokenStream, heldout_blocks
 from cqil.recovery.finish import finish_run, write_run_report
 from cqil.recovery.measure import run_lm_eval, run_perplexity
@@ -55,13 +55,10 @@ EXIT_NONFINITE = 3  # the loss became NaN or infinite; the last good checkpoint 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, step: int, losses: dict) -> None:
+    def __init__(self, step: int, losses: dict, last_good: Path | None = None) -> None:
         self.step = step
-        super().__init__(f"non-finite loss at step {step}: {losses}; stopped, last good checkpoint kept")
-
-
-class Preempted(RuntimeError):
-    """A SIGTERM / SIGUSR1 arrived; a checkpoint was written and the run should exit."""
+        kept = f"last good checkpoint {last_good}" if last_good else "no checkpoint was written"
+        super().__init__(f"non-finite loss at step {step}: {losses}; stopped, {kept}")
 
 
 class RecoveryTrainer:
@@ -78,6 +75,9 @@ class RecoveryTrainer:
         self.plan_search: dict | None = None  # groups: auto: where the plan search's report is
         self._metrics = None  # logs/metrics.jsonl, open while training on the main process
         self.resuming = False
+        self.resume_from: Path | None = None  # the newest intact checkpoint of this run
+        self.resume_changes: dict = {}  # train.resume=reset_optimizer: dotted key -> [old, new]
+        self.start_max_abs = 0.0
         self.trackers: list[str] = []
 
     # -------------------------------------------------------------- setup
@@ -87,17 +87,18 @@ class RecoveryTrainer:
         # it is acted on after the first step, which checkpoints and exits with EXIT_PREEMPTED.
         self._install_signal_handlers()
         self._setup_accelerator()
+        self._setup_checks()  # before any weights load or anything in output_dir is written
+        self._setup_run_folder()
         model = self._setup_model()
         self._setup_plan(model)
         self._setup_eval()
-        self.resuming = bool(list_checkpoints(self.output_dir))
         self._evaluate_before(model, "original")
         model = self._setup_teacher_and_student(model)
         self._setup_optimizer()
         self._setup_data()
         self._setup_output_dir()
-        if self.resuming:
-            self.resume(list_checkpoints(self.output_dir)[-1])
+        if self.resume_from is not None:
+            self.resume(self.resume_from, reset_optimizer=bool(self.resume_changes))
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -118,6 +119,14 @@ class RecoveryTrainer:
         )
         set_seed(train.seed)
         self.log(f"cqil: {acc.num_processes} process(es), {acc.distributed_type}, output {self.output_dir}")
+
+    def _setup_checks(self) -> None:
+        """Bad input fails here, in one line (:func:`cqil.recovery.preflight.check_run`)."""
+        preflight.check_run(self)
+
+    def _setup_run_folder(self) -> None:
+        """The marker first (a new run), the history of a changed recipe, stale temporaries removed."""
+        preflight.claim_run_folder(self)
 
     def _setup_model(self) -> nn.Module:
         model, self.tokenizer = self._load_model()
@@ -220,6 +229,9 @@ class RecoveryTrainer:
         self.model.adapters_outside_groups = train.lora is not None and train.lora.target == "all"
         self.model.train()
         self.frozen_digest = state_digest(self._frozen_state())
+        self.start_max_abs = checkpoint.max_abs(
+            self.trainable.values()
+        )  # the scale "exploded" is measured by
         n_train = sum(p.numel() for p in self.trainable.values())
         n_all = sum(p.numel() for p in self.model.parameters())
         self.log(
@@ -313,6 +325,7 @@ class RecoveryTrainer:
         metrics = None
         if acc.is_main_process:
             (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
+            checkpoint.trim_metrics(self.output_dir / "logs" / "metrics.jsonl", self.step)
             # Closed by cleanup(), whichever way the loop ends; flushed after every line.
             metrics = self._metrics = open(self.output_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         sums: dict[str, float] = {}
@@ -338,7 +351,7 @@ class RecoveryTrainer:
             reduced = acc.reduce(torch.stack([step_losses[k] for k in names]), reduction="mean")
             values = dict(zip(names, reduced.tolist(), strict=True))
             if not all(math.isfinite(v) for v in values.values()):
-                raise NonFiniteLossError(self.step, values)
+                raise NonFiniteLossError(self.step, values, (list_checkpoints(self.output_dir) or [None])[-1])
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             if metrics is not None:  # every step, for the report's loss curves
@@ -415,9 +428,15 @@ class RecoveryTrainer:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous().clone() for n, p in self.trainable.items()}
 
-    def resume(self, path: Path) -> None:
+    def resume(self, path: Path, *, reset_optimizer: bool = False) -> None:
         """Restore everything :meth:`save_checkpoint` wrote; training continues bit-exactly."""
-        checkpoint.resume(self, path)
+        checkpoint.resume(self, path, reset_optimizer=reset_optimizer)
+        if reset_optimizer:
+            self.results["resume"] = {
+                "resume": "reset_optimizer",
+                "step": self.step,
+                "changed": self.resume_changes,
+            }
 
     # -------------------------------------------------------------- end of run
     def finish(self, export_fn: Callable | None = None) -> dict:
@@ -473,7 +492,7 @@ def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: Callable | None 
     except Preempted as e:
         trainer.log(f"cqil: {e}; exiting with code {EXIT_PREEMPTED}")
         return EXIT_PREEMPTED
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, NonFiniteWeightsError) as e:
         trainer.log(f"cqil: {e}")
         return EXIT_NONFINITE
     finally:
