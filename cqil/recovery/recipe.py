@@ -333,14 +333,19 @@ def recipe_from_dict(raw: dict, *, source: str = "<dict>", overrides=()) -> Reci
         recipe = _build(Recipe, raw, "", source)
         recipe.check(source)
     except RecipeError as e:
-        item = next(
-            (v for k, v in given.items() if e.path == k or e.path.startswith((k + ".", k + "["))), None
-        )
+        item = next((v for k, v in given.items() if _names(k, e.path)), None)
         if item is None:
             raise
         message = str(e)[len(f"{e.source}: {e.path or '<root>'}: ") :]
         raise RecipeError(COMMAND_LINE, item, message) from None
     return recipe
+
+
+def _names(key: str, path: str) -> bool:
+    """Whether an error at ``path`` is the override of ``key``'s: the key, one under it, or a section it made."""
+    return bool(path) and (
+        path == key or path.startswith((key + ".", key + "[")) or key.startswith(path + ".")
+    )
 
 
 COMMAND_LINE = "<command line>"  # the "file" an override's error names
