@@ -1,6 +1,6 @@
 """One recovery training step three ways, on the same model, plan and batch: tokens/s and peak memory.
 
-* ``ours``: :class:`cqil.recovery.trainer.RecoveryModel` as the trainer runs it: the teacher's own weights are
+* ``ours``: :class:`cqil.recovery.model.RecoveryModel` as the trainer runs it: the teacher's own weights are
   the grouped region's original layers only, the layers before the first group run once for both,
   the teacher runs under no_grad, and the KD loss comes straight from the final hidden states a
   chunk of tokens at a time (:func:`cqil.recovery.losses.head_losses`);
@@ -73,9 +73,10 @@ def build(args):
 
 def make_step(args, variant):
     """(model, step): ``step(input_ids)`` runs forward, backward and the optimizer and returns the loss."""
+    from cqil.recovery.lora import apply_lora
     from cqil.recovery.losses import kd_loss, lm_loss
+    from cqil.recovery.model import RecoveryModel
     from cqil.recovery.recipe import LoraConfig
-    from cqil.recovery.trainer import RecoveryModel, apply_lora
     from cqil.rewrite.plan import GroupPlan
     from cqil.rewrite.surgery import parallelize, trainable_parameters
 

@@ -56,3 +56,11 @@ class MissingPackageError(CqilError, ImportError):
 
 class HubError(CqilError, OSError):
     """A Hugging Face Hub request that failed (the message never carries the token)."""
+
+
+class StorageError(CqilError, OSError):
+    """A file or folder that could not be written (disk full, quota, permissions); names the path and the cause."""
+
+
+class CheckpointError(CqilError, RuntimeError):
+    """No intact checkpoint to resume from, or one that cannot be used; names the folder."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cqil.recovery.losses import hidden_loss, kd_loss, lm_loss
-from cqil.recovery.trainer import RecoveryModel
+from cqil.recovery.model import RecoveryModel
 from cqil.rewrite.surgery import parallelize, trainable_parameters
 from cqil.testing import make_model
 

@@ -1,4 +1,4 @@
-"""cqil.recovery.trainer on tiny local models, in one process: the shared-prefix teacher, what trains, the
+"""cqil.recovery (trainer, model, checkpoints) on tiny local models, in one process: the shared-prefix teacher, what trains, the
 optimizer state, exact resume, preemption and non-finite losses; the same in coalesce mode."""
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ import torch
 
 from cqil.evaluation.report import headline  # noqa: E402
 from cqil.export.load import load_export
+from cqil.recovery.checkpoint import list_checkpoints, state_digest
+from cqil.recovery.lora import apply_lora
+from cqil.recovery.model import RecoveryModel
 from cqil.recovery.recipe import RecipeError, recipe_from_dict
-from cqil.recovery.trainer import (
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
-    RecoveryModel,
-    RecoveryTrainer,
-    apply_lora,
-    list_checkpoints,
-    run,
-    state_digest,
-)
+from cqil.recovery.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, RecoveryTrainer, run
 from cqil.rewrite.coalescing import coalesce
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import parallelize, trainable_parameters
@@ -425,16 +419,18 @@ def test_auto_groups_search_the_plan_once_and_record_it(tiny_model_dir, tmp_path
     assert saved["plan_search"]["budget"] == {"target_depth": 7} and not saved["plan_search"]["reused"]
     assert saved["steps"] == 3
 
-    # A second run on the same folder (a resume, or a longer run) reuses the recorded plan.
+    # A second run on the same folder (a longer run: train.max_steps changed, so the optimizer and
+    # schedule restart from the new recipe) reuses the recorded plan.
     import cqil.selection.search
 
     def no_search(*args, **kwargs):
         raise AssertionError("the plan was searched again")
 
     monkeypatch.setattr(cqil.selection.search, "search_plan", no_search)
-    assert run(tiny_recipe(tiny_model_dir, out, auto, max_steps=4)) == 0
+    assert run(tiny_recipe(tiny_model_dir, out, auto, max_steps=4, resume="reset_optimizer")) == 0
     again = json.loads((out / "eval.json").read_text())
     assert again["plan"] == saved["plan"] and again["plan_search"]["reused"] and again["steps"] == 4
+    assert again["resume"] == {"resume": "reset_optimizer", "step": 3, "changed": {"train.max_steps": [3, 4]}}
 
 
 def test_auto_groups_budget_error_names_the_budget(tiny_model_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 Runs the same under ``python``, ``accelerate launch`` (DDP or DeepSpeed) and ``torchrun``; it is
 ``cqil recover`` (:mod:`cqil.cli.recover`) as a script, and all the logic is in
-:mod:`cqil.recovery.trainer`. Overrides use dotted keys and YAML values, e.g.
+:mod:`cqil.recovery.trainer`. Bad input: one ``error:`` line, exit 2. Overrides use dotted keys and YAML values, e.g.
 ``train.max_steps=50 'parallelize.groups=[[2,3],[4,5]]'``. Exit codes: 0 done, 75 preempted
 (SIGTERM/SIGUSR1, checkpoint written: run the same command again to resume), 3 non-finite loss.
 """
@@ -10,19 +10,18 @@ Runs the same under ``python``, ``accelerate launch`` (DDP or DeepSpeed) and ``t
 import sys
 
 from cqil.cli.recover import load, recover
-from cqil.errors import RecipeError
+from cqil.errors import CqilError
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    try:
-        recipe = load(argv[0], argv[1:])
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+    try:  # bad input (a CqilError) is one line and exit 2; anything else keeps its traceback
+        return recover(load(argv[0], argv[1:]), source=argv[0])
+    except CqilError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    return recover(recipe, source=argv[0])
 
 
 if __name__ == "__main__":

@@ -406,11 +406,16 @@ def write_report(
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
-    """Per-step training metrics from a ``metrics.jsonl``; a step logged twice (a resumed run) keeps its last entry."""
+    """Per-step training metrics from a ``metrics.jsonl``; a step logged twice (a resumed run) keeps its last entry.
+
+    A line that does not parse (torn by a kill mid-write) is skipped."""
     steps: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
-                entry = json.loads(line)
-                steps[int(entry["step"])] = entry
+                try:
+                    entry = json.loads(line)
+                    steps[int(entry["step"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue
     return [steps[s] for s in sorted(steps)]

@@ -4,13 +4,17 @@ Every field carries a one-line doc (``field(metadata={"doc": ...})``) and, where
 Loading is strict: an unknown or misspelled key, a value of the wrong type or out of range raises
 :class:`RecipeError`, whose message starts with the file and the dotted path of the culprit
 (``recipes/x.yaml: train.lr: ...``). ``key=value`` overrides use dotted keys and YAML values
-(``parallelize.groups=[[2,3],[4,5]]``). This is the only module that reads YAML.
+(``parallelize.groups=[[2,3],[4,5]]``); an override's error names ``<command line>``. This is the only
+module that reads YAML, and it is longer than 500 lines because the schema and its strict loader
+belong together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -201,6 +205,12 @@ class TrainConfig:
     )
     loss: LossConfig = _f(LossConfig(), "loss weights")
     lora: LoraConfig | None = _f(None, "LoRA adapters; null (the default) trains the weights directly")
+    resume: Literal["auto", "reset_optimizer"] = _f(
+        "auto",
+        "auto: resume only a run of the same recipe; "
+        "reset_optimizer: also when only optimizer/schedule keys changed (lr, max_steps, ...): weights, step, "
+        "data position and RNG resume, the optimizer and schedule restart from this recipe",
+    )
 
 
 @dataclass(kw_only=True)
@@ -303,19 +313,42 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     source = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(source, "", "not a text file (not UTF-8); a recipe is a YAML file") from None
     except yaml.YAMLError as e:
-        raise RecipeError(source, "", f"not valid YAML: {e}") from None
+        raise RecipeError(source, "", f"not valid YAML: {' '.join(str(e).split())}") from None
     return recipe_from_dict(raw if raw is not None else {}, source=source, overrides=overrides)
 
 
 def recipe_from_dict(raw: dict, *, source: str = "<dict>", overrides=()) -> Recipe:
     """Validate a plain dict (as YAML would give) into a :class:`Recipe`."""
+    if not isinstance(raw, dict):
+        raise RecipeError(source, "", f"the top level must be a mapping of sections, got {_describe(raw)}")
     raw = _deep_copy(raw)
+    given = {}  # dotted key -> the override that set it, so that its errors name the command line
     for item in overrides:
         apply_override(raw, item)
-    recipe = _build(Recipe, raw, "", source)
-    recipe.check(source)
+        given[item.partition("=")[0].strip()] = item
+    try:
+        recipe = _build(Recipe, raw, "", source)
+        recipe.check(source)
+    except RecipeError as e:
+        item = next((v for k, v in given.items() if _names(k, e.path)), None)
+        if item is None:
+            raise
+        message = str(e)[len(f"{e.source}: {e.path or '<root>'}: ") :]
+        raise RecipeError(COMMAND_LINE, item, message) from None
     return recipe
+
+
+def _names(key: str, path: str) -> bool:
+    """Whether an error at ``path`` is the override of ``key``'s: the key, one under it, or a section it made."""
+    return bool(path) and (
+        path == key or path.startswith((key + ".", key + "[")) or key.startswith(path + ".")
+    )
+
+
+COMMAND_LINE = "<command line>"  # the "file" an override's error names
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -323,11 +356,11 @@ def apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RecipeError("override", item, "expected key=value with a dotted key")
+        raise RecipeError(COMMAND_LINE, item, "expected key=value with a dotted key")
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError("override", key, f"value {text!r} is not valid YAML: {e}") from None
+    except yaml.YAMLError:
+        raise RecipeError(COMMAND_LINE, item, f"value {text!r} is not valid YAML") from None
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -335,7 +368,7 @@ def apply_override(raw: dict, item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise RecipeError("override", ".".join(parts[: i + 1]), "is not a section")
+            raise RecipeError(COMMAND_LINE, item, f"{'.'.join(parts[: i + 1])} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -449,12 +482,12 @@ def _convert(tp, value, path: str, source: str):
     if tp is float:
         # YAML reads "1e-4" (no dot) as a string; accept it as the number it obviously is.
         if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(source, path, f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise RecipeError(source, path, f"must be a finite number; got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

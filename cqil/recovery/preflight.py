@@ -1,0 +1,172 @@
+"""Checks a recovery run makes before any weights load or anything is written to ``output_dir``.
+
+From the model's config (read without weights) and the file system: the model exists and has a
+supported architecture, the groups fit it, ``train.seq_len`` fits its positions, and ``output_dir``
+is a writable folder that is new, empty, or a cqil run of the same recipe (:mod:`cqil.recovery.fingerprint`).
+Each failure is one :class:`cqil.errors.CqilError` naming the key, file or folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cqil.errors import ModelError, ModelNotFoundError, OutputDirError, RecipeError
+from cqil.recovery import checkpoint, fingerprint
+from cqil.recovery.checkpoint import list_checkpoints
+from cqil.recovery.recipe import Recipe
+
+if TYPE_CHECKING:
+    from cqil.recovery.trainer import RecoveryTrainer
+
+
+def _looks_local(name: str) -> bool:
+    """An absolute or ./ ../ path, or one whose parent folder exists: a path, never a Hub id."""
+    if os.path.isabs(name) or name.startswith(("./", "../", "~")) or name in (".", ".."):
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def model_config(recipe: Recipe, source: str):
+    """The model's config, without its weights; a missing or unusable model is a one-line error."""
+    from transformers import AutoConfig
+
+    from cqil.pretrained import EMBEDDED_MODELS, resolve_model_path
+
+    name = recipe.model.name_or_path
+    if name not in EMBEDDED_MODELS and _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ModelNotFoundError(f"{source}: model.name_or_path: {name}: no such model folder")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as e:
+        what = (
+            "a model folder"
+            if os.path.isdir(name)
+            else f"an embedded model ({', '.join(EMBEDDED_MODELS)}), a model folder or a reachable Hub id"
+        )
+        raise ModelError(
+            f"{source}: model.name_or_path: {name!r} is not {what} ({' '.join(str(e).split())})"
+        ) from None
+    return config
+
+
+def check_model(recipe: Recipe, source: str, config) -> None:
+    """Architecture, groups and sequence length against the model's config."""
+    from cqil.rewrite.plan import GroupPlan
+    from cqil.rewrite.surgery import SUPPORTED_ARCHITECTURES
+
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+        raise ModelError(
+            f"{source}: model.name_or_path: {recipe.model.name_or_path} is a {', '.join(archs)}, which the "
+            f"surgery does not support (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    groups = recipe.parallelize.groups
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if groups != "auto" and n_layers is not None:
+        try:
+            plan = GroupPlan.parse(groups, n_layers)
+        except ValueError as e:
+            raise RecipeError(
+                source, "parallelize.groups", f"{e} (the model has {n_layers} layers)"
+            ) from None
+        if not plan.groups or plan.is_identity():
+            raise RecipeError(source, "parallelize.groups", "the plan has no group of two or more layers")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and recipe.train.seq_len > positions:
+        raise RecipeError(
+            source,
+            "train.seq_len",
+            f"{recipe.train.seq_len} > the model's max_position_embeddings {positions}",
+        )
+
+
+def check_data(recipe: Recipe, source: str) -> None:
+    """The data paths, files and mixture (:func:`cqil.recovery.data_checks.check_data`)."""
+    from cqil.recovery.data_checks import check_data as check
+
+    check(recipe.data, source)
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """``output_dir`` must be (or be creatable as) a writable folder."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output_dir {out} exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent != out and not parent.is_dir():
+        raise OutputDirError(f"output_dir {out} lies under {parent}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output_dir {out}: {parent} is not writable")
+
+
+_STALE = re.compile(r"^\..+\.(\d+\.[0-9a-f]{8}\.(tmp|old)|tmp)$")
+
+
+def remove_stale(output_dir: Path) -> list[Path]:
+    """Hidden temporary checkpoints and export staging folders a killed run left behind."""
+    out = Path(output_dir)
+    stale = [p for p in (out / "checkpoints").glob(".step-*.tmp")]
+    stale += [p for p in out.glob(".*") if _STALE.match(p.name)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+def check_run(trainer: RecoveryTrainer) -> None:
+    """Bad input fails here, in one line: the model (from its config), the output folder, the data
+    paths, and a folder that holds a run of another recipe (:mod:`cqil.recovery.fingerprint`)."""
+    recipe, source, out = trainer.recipe, trainer.source, trainer.output_dir
+    trainer.model_config = model_config(recipe, source)
+    check_model(recipe, source, trainer.model_config)
+    check_output_dir(out)
+    check_data(recipe, source)
+    trainer.fingerprint = fingerprint.run_fingerprint(recipe, trainer.accelerator.num_processes)
+    trainer.marker = fingerprint.read_marker(out)
+    if trainer.marker is None and out.is_dir() and any(out.iterdir()):
+        raise OutputDirError(
+            f"output_dir {out} is not empty and is not a cqil run (no {fingerprint.MARKER}); "
+            "choose a new output_dir"
+        )
+    if trainer.marker is not None and "fingerprint" not in trainer.marker:
+        raise OutputDirError(f"{out / fingerprint.MARKER} is unreadable; choose a new output_dir")
+    found = list_checkpoints(out)
+    if found:
+        trainer.resume_changes = fingerprint.check_resumable(
+            source, out, trainer.marker["fingerprint"], trainer.fingerprint, recipe.train.resume
+        )
+    trainer.resume_from = checkpoint.latest_intact(trainer) if found else None
+    trainer.resuming = trainer.resume_from is not None
+
+
+def claim_run_folder(trainer: RecoveryTrainer) -> None:
+    """The marker first (a new run), the history of a changed recipe, stale temporaries removed."""
+    out, marker, new = trainer.output_dir, trainer.marker, trainer.fingerprint
+    if trainer.accelerator.is_main_process:
+        if marker is None:
+            fingerprint.write_marker(out, new)
+        elif marker["fingerprint"] != new:
+            changed = fingerprint.differences(marker["fingerprint"], new)
+            if trainer.resuming:
+                step = json.loads((trainer.resume_from / "trainer_state.json").read_text())["step"]
+                event = {"resume": "reset_optimizer", "step": step, "changed": changed}
+            else:  # nothing was trained: what an earlier attempt measured belongs to the old recipe
+                event = {"restart": "no checkpoint yet", "changed": changed}
+                shutil.rmtree(out / "plan", ignore_errors=True)
+                (out / "eval_before.json").unlink(missing_ok=True)
+            fingerprint.write_marker(out, new, previous=marker, event=event)
+        for path in remove_stale(out):
+            trainer.log(f"cqil: removed {path}, left by an interrupted run")
+    trainer.accelerator.wait_for_everyone()
