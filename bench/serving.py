@@ -185,7 +185,9 @@ def llama_section(args, models: dict, prompt, plan, model_name: str, work: Path)
         "ideal_depth": r(plan.ideal_speedup),
         "ideal_single_thread": 1.0,
         "prefill_ms": {v: r(median(t["prefill_s"]) * 1e3, 2) for v, t in got.items()},
-        "decode_ms_per_token": {v: r(median(t["decode_s"]) * 1e3 / args.new_tokens, 3) for v, t in got.items()},
+        "decode_ms_per_token": {
+            v: r(median(t["decode_s"]) * 1e3 / args.new_tokens, 3) for v, t in got.items()
+        },
         "prefill_len": args.prefill_len,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
@@ -193,8 +195,18 @@ def llama_section(args, models: dict, prompt, plan, model_name: str, work: Path)
     }
 
 
-def vllm_section(args, name: str, folders: dict, prompt, plan, model_name: str, tp: int, batch: int,
-                 work: Path, dtype: str = "float32") -> dict:
+def vllm_section(
+    args,
+    name: str,
+    folders: dict,
+    prompt,
+    plan,
+    model_name: str,
+    tp: int,
+    batch: int,
+    work: Path,
+    dtype: str = "float32",
+) -> dict:
     start_load = os.getloadavg()
     order = ["original", "parallelized"]
     rounds = [order if i % 2 == 0 else order[::-1] for i in range(args.rounds)]
@@ -293,7 +305,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--batch", type=int, help="prompts in the throughput batch (default 16; --tiny 2)")
-    parser.add_argument("--workdir", help="keep the GGUFs, exports and logs here (default: a temporary folder)")
+    parser.add_argument(
+        "--workdir", help="keep the GGUFs, exports and logs here (default: a temporary folder)"
+    )
     args = parser.parse_args()
     defaults = (
         dict(reps=1, reps_vllm=1, rounds=1, prefill_len=32, prompt_len=8, new_tokens=4, batch=2)
@@ -344,14 +358,18 @@ def main() -> None:
         if "llama" not in args.skip:
             ggufs = {
                 "original": write_gguf(model_a, tok_a, work / f"{name_a}-original.gguf", overwrite=True),
-                "parallelized": write_gguf(par_a, tok_a, work / f"{name_a}-parallelized.gguf", overwrite=True),
+                "parallelized": write_gguf(
+                    par_a, tok_a, work / f"{name_a}-parallelized.gguf", overwrite=True
+                ),
             }
             emit(llama_section(args, ggufs, prompt, plan_a, name_a, work), lines)
 
         vllm_skip = {"vllm-tp1", "vllm-tp2"} <= set(args.skip)
         folders_a = {
             "original": save_original(model_a, tok_a, work / f"{name_a}-original"),
-            "parallelized": export_model(par_a, work / f"{name_a}-parallelized", tokenizer=tok_a, overwrite=True),
+            "parallelized": export_model(
+                par_a, work / f"{name_a}-parallelized", tokenizer=tok_a, overwrite=True
+            ),
         }
         del par_a
         if name_b == name_a:
@@ -362,7 +380,9 @@ def main() -> None:
             folders_b = {
                 "original": save_original(model_b, tokenizer, work / f"{name_b}-original"),
                 "parallelized": export_model(
-                    parallelized(model_b, args.plan), work / f"{name_b}-parallelized", tokenizer=tokenizer,
+                    parallelized(model_b, args.plan),
+                    work / f"{name_b}-parallelized",
+                    tokenizer=tokenizer,
                     overwrite=True,
                 ),
             }
@@ -370,7 +390,10 @@ def main() -> None:
         del model_a
 
         if "vllm-tp1" not in args.skip:
-            emit(vllm_section(args, "vllm-tp1-a", folders_a, prompt, plan_a, name_a, 1, args.batch, work), lines)
+            emit(
+                vllm_section(args, "vllm-tp1-a", folders_a, prompt, plan_a, name_a, 1, args.batch, work),
+                lines,
+            )
             if name_b != name_a:
                 emit(vllm_section(args, "vllm-tp1-b", folders_b, prompt, plan_b, name_b, 1, 0, work), lines)
         if "vllm-tp2" not in args.skip:
@@ -400,8 +423,15 @@ def main() -> None:
                 continue
             summary[line["section"]] = {
                 k: line[k]
-                for k in ("model", "prefill_speedup", "decode_speedup", "throughput_speedup", "ideal_depth",
-                          "ideal_single_thread", "ideal_allreduce")
+                for k in (
+                    "model",
+                    "prefill_speedup",
+                    "decode_speedup",
+                    "throughput_speedup",
+                    "ideal_depth",
+                    "ideal_single_thread",
+                    "ideal_allreduce",
+                )
                 if line.get(k) is not None
             }
         summary["loadavg"] = os.getloadavg()

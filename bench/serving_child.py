@@ -136,7 +136,7 @@ def run_vllm_instance(job: dict, inst: dict) -> dict:
     def params(n: int):
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
 
-    def timed(prompts, n: int) -> float:
+    def timed(prompts, n: int, llm=llm) -> float:
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params(n), use_tqdm=False)
         elapsed = time.perf_counter() - t
