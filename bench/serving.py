@@ -19,7 +19,9 @@ which times inside the child, after loading and a warmup round):
 
 A vLLM engine holds worker processes and a KV cache, and an idle one spins on a 2-core machine, so its
 instances run one at a time in rounds A B, B A (``--rounds``), each timed ``--reps`` times; speedups are
-ratios of medians over all repetitions.
+ratios of medians over all repetitions. Every rank is a worker process on its own core (``--vllm-threads``
+cores each): TP=1 computes on one core, TP=2 on two. vLLM's decode is the time of a 32-token prompt plus
+65 tokens less that of the prompt plus 1 token; its prefill a 512-token prompt plus 1 token.
 
 The ideals. The depth ratio is L / L_eff = 30 / 24 = 1.25. On one thread a group is one wide layer with
 the same FLOPs and weights as its two layers, so the honest single-thread ideal is ~1.0 (fewer, larger
@@ -221,6 +223,7 @@ def vllm_section(
         new_tokens=args.new_tokens,
         batch=batch,
         prompt=prompt,
+        threads_per_rank=args.vllm_threads,
         max_model_len=max(args.prefill_len, args.prompt_len + args.new_tokens) + 16,
     )
     got = run_child(args.vllm_python, "vllm", job, work, name, timeout=1800)
@@ -305,6 +308,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--batch", type=int, help="prompts in the throughput batch (default 16; --tiny 2)")
+    parser.add_argument("--vllm-threads", type=int, default=1, help="cores per vLLM rank (default 1)")
     parser.add_argument(
         "--workdir", help="keep the GGUFs, exports and logs here (default: a temporary folder)"
     )

