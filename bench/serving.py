@@ -42,6 +42,7 @@ about 3. Every line printed to stdout is one JSON object; the last one is the su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -287,9 +288,12 @@ def cuda_in(python: str) -> bool:
     return probe.returncode == 0 and probe.stdout.strip().endswith("True")
 
 
+JSON_OUT = sys.stdout  # main() sends everything else printed to stdout (libraries' logs) to stderr
+
+
 def emit(line: dict, lines: list) -> None:
     lines.append(line)
-    print(json.dumps(line), flush=True)
+    print(json.dumps(line), file=JSON_OUT, flush=True)
 
 
 # ------------------------------------------------------------------ main
@@ -324,7 +328,7 @@ def main() -> None:
     args.plan = TINY_PLAN if args.tiny else PLAN
     torch.set_num_threads(1)
 
-    with tempfile.TemporaryDirectory(prefix="cqil-serving-") as tmp:
+    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="cqil-serving-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         lines: list[dict] = []
@@ -425,7 +429,7 @@ def main() -> None:
             if "skipped" in line:
                 summary[line["section"]] = "skipped"
                 continue
-            summary[line["section"]] = {
+            summary[f"{line['section']} {line['model']}"] = {
                 k: line[k]
                 for k in (
                     "model",

@@ -108,4 +108,4 @@ def test_serving_tiny():
         assert set(line["prefill_ms"]) == set(line["decode_ms_per_token"]) == {"original", "parallelized"}
     gpu = sections["vllm gpu bfloat16"]
     assert "skipped" in gpu or "decode_tok_s" in gpu
-    assert lines[-1]["summary"] and "llama.cpp" in lines[-1]
+    assert lines[-1]["summary"] and "llama.cpp tiny-llama-8L" in lines[-1]
