@@ -39,3 +39,73 @@ def test_merged_vs_original_tiny():
     assert set(summary["prefill_ms"]) == set(summary["decode_ms"]) == {"original", "merged"}
     assert summary["prefill_speedup"] > 0 and summary["decode_speedup"] > 0
     assert sum(line.startswith("rep ") for line in lines) == 2
+
+
+LLAMA_PYTHON = REPO / ".venv-llama" / "bin" / "python"
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+def _engines_problem() -> str | None:
+    """Why bench/serving.py cannot run its engines here, or None."""
+    for python, module in ((LLAMA_PYTHON, "llama_cpp"), (VLLM_PYTHON, "vllm, cqil.serving.vllm")):
+        if not python.is_file():
+            return f"{python} is missing: run scripts/setup_engines.sh"
+        probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
+        if probe.returncode:
+            return f"{module} does not import in {python}: {probe.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.mark.engines
+def test_serving_tiny():
+    problem = _engines_problem()
+    if problem:
+        pytest.skip(problem)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "bench/serving.py", "--tiny"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]  # every stdout line is JSON
+    sections = {line["section"]: line for line in lines if "section" in line}
+    assert lines[0]["bench"] == "serving" and lines[0]["tiny"] and len(lines[0]["loadavg"]) == 3
+    assert {"llama.cpp", "vllm tp1", "vllm tp2", "vllm gpu bfloat16"} <= set(sections)
+    common = {
+        "model",
+        "plan",
+        "layers",
+        "prefill_speedup",
+        "decode_speedup",
+        "ideal_depth",
+        "prefill_ms",
+        "decode_ms_per_token",
+        "reps",
+        "loadavg",
+    }
+    llama = sections["llama.cpp"]
+    assert common | {"ideal_single_thread", "threads", "gguf"} <= set(llama)
+    assert llama["threads"] == 1 and llama["ideal_single_thread"] == 1.0
+    assert llama["layers"] == {"original": 8, "parallelized": 6}
+    assert llama["ideal_depth"] == pytest.approx(8 / 6, abs=1e-4)
+    tp1, tp2 = sections["vllm tp1"], sections["vllm tp2"]
+    assert common | {
+        "tp",
+        "allreduces_per_forward",
+        "ideal_allreduce",
+        "throughput_tok_s",
+        "throughput_speedup",
+    } <= set(tp1)
+    assert tp1["allreduces_per_forward"] == {"original": 0, "parallelized": 0}
+    assert tp2["allreduces_per_forward"] == {"original": 16, "parallelized": 12}
+    assert tp2["ideal_allreduce"] == pytest.approx(16 / 12, abs=1e-4)
+    for line in (llama, tp1, tp2):
+        assert line["prefill_speedup"] > 0 and line["decode_speedup"] > 0
+        assert set(line["prefill_ms"]) == set(line["decode_ms_per_token"]) == {"original", "parallelized"}
+    gpu = sections["vllm gpu bfloat16"]
+    assert "skipped" in gpu or "decode_tok_s" in gpu
+    assert lines[-1]["summary"] and "llama.cpp tiny-llama-8L" in lines[-1]
