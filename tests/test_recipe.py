@@ -126,7 +126,9 @@ def test_coalesce_mode_refuses_the_options_of_parallel_groups(tmp_path):
 def test_llama7b_is_the_cqil_paper_setting():
     r = load_recipe(next(p for p in RECIPES if p.stem == "llama7b"))
     assert r.parallelize.groups == "12-30:2" and r.model.dtype == "bfloat16"
-    assert r.data.train == ["hf://togethercomputer/RedPajama-Data-1T-Sample"]
+    # The full corpus, not the 1B-token sample: SlimPajama-627B, RedPajama-1T cleaned and deduplicated,
+    # with the same text / meta.redpajama_set_name fields and no loading script.
+    assert r.data.train == ["hf://cerebras/SlimPajama-627B"]
 
 
 def test_required_keys_exist_and_every_field_has_a_doc():
