@@ -145,6 +145,11 @@ BAD_INPUT = {
     "output_dir is a file": ([], _file, r"output_dir .* is not a folder"),
     "output_dir under a file": ([], _under_file, r"lies under .*blocker, which is a file"),
     "foreign non-empty folder": ([], _foreign, r"is not empty and is not a cqil run"),
+    "gguf of groups that do not fold": (
+        ["export.gguf=q8_0", "parallelize.gates=learned"],
+        None,
+        r"export\.gguf: .*bypass: lp and gates: fixed",
+    ),
 }
 
 

@@ -22,6 +22,7 @@ MARKER = "cqil_run.json"
 EXCLUDED = (
     "output_dir",
     "eval.",  # what is measured, not what is trained (data.eval, the held-out split, is data.)
+    "export.",  # what is written at the end, not what is trained
     "train.save_every_steps",
     "train.keep_checkpoints",
     "train.log_every_steps",

@@ -55,7 +55,7 @@ def export_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor
         "tokens_trained": results.get("tokens_seen"),
         "base_model": trainer.recipe.model.name_or_path,
     }
-    return export_model(
+    out = export_model(
         student,
         trainer.output_dir / "model",
         tokenizer=trainer.tokenizer,
@@ -63,6 +63,12 @@ def export_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor
         recipe=recipe_to_dict(trainer.recipe),
         overwrite=True,  # output_dir belongs to this run; a resumed run replaces its own export
     )
+    if trainer.recipe.export.gguf is not None:
+        from cqil.export.gguf import write_gguf
+
+        path = write_gguf(student, trainer.tokenizer, out / "model.gguf", dtype=trainer.recipe.export.gguf)
+        trainer.log(f"cqil: wrote {path}")
+    return out
 
 
 def export_coalesced(

@@ -86,6 +86,26 @@ def check_model(recipe: Recipe, source: str, config) -> None:
         )
 
 
+def check_gguf_export(recipe: Recipe, source: str, config) -> None:
+    """``export.gguf`` needs groups that fold into one plain layer each, which llama.cpp runs."""
+    if recipe.export.gguf is None:
+        return
+    p = recipe.parallelize
+    if p.mode != "parallel" or p.bypass != "lp" or p.gates != "fixed":
+        raise RecipeError(
+            source,
+            "export.gguf",
+            f"a GGUF holds each group as one plain wide layer, which needs parallelize.mode: parallel, "
+            f"bypass: lp and gates: fixed (this recipe: mode {p.mode}, bypass {p.bypass}, gates {p.gates})",
+        )
+    if getattr(config, "model_type", None) == "qwen3":
+        raise RecipeError(
+            source,
+            "export.gguf",
+            "llama.cpp's deci layers have no per-head q/k norms (Qwen3); remove export.gguf",
+        )
+
+
 def check_data(recipe: Recipe, source: str) -> None:
     """The data paths, files and mixture (:func:`cqil.recovery.data_checks.check_data`)."""
     from cqil.recovery.data_checks import check_data as check
@@ -131,6 +151,7 @@ def check_run(trainer: RecoveryTrainer) -> None:
     recipe, source, out = trainer.recipe, trainer.source, trainer.output_dir
     trainer.model_config = model_config(recipe, source)
     check_model(recipe, source, trainer.model_config)
+    check_gguf_export(recipe, source, trainer.model_config)
     check_output_dir(out)
     check_data(recipe, source)
     trainer.fingerprint = fingerprint.run_fingerprint(recipe, trainer.accelerator.num_processes)

@@ -264,6 +264,17 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ExportConfig:
+    """What the end of a run writes into ``output_dir/model/`` besides the Hugging Face folder."""
+
+    gguf: Literal["f32", "f16", "q8_0"] | None = _f(
+        None,
+        "also write model.gguf for llama.cpp / Ollama in this type; needs groups that fold "
+        "(parallelize.bypass: lp, parallelize.gates: fixed); null: no GGUF",
+    )
+
+
+@dataclass(kw_only=True)
 class Recipe:
     """A whole recovery run."""
 
@@ -272,6 +283,7 @@ class Recipe:
     train: TrainConfig = _f(TrainConfig(), "the optimisation loop")
     data: DataConfig = _f(DataConfig(), "the text")
     eval: EvalConfig = _f(EvalConfig(), "the evaluation")
+    export: ExportConfig = _f(ExportConfig(), "what the export writes besides the Hugging Face folder")
     output_dir: str = _f(doc="run folder: checkpoints/, logs/, the recovered state and eval.json")
 
     def check(self, source: str) -> None:
