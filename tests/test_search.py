@@ -250,6 +250,7 @@ def test_analyze_shows_the_measured_ranking_beside_similarity(tmp_path):
         num_sequences=4,
         batch_size=2,
         bypass_modes=("lp",),
+        measured=True,
         coalesced=False,
     )
     groups = result["groups"]

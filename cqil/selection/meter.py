@@ -13,7 +13,7 @@ layers alone).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -46,6 +46,7 @@ class PlanMeter:
         bypass_distance: int = 1,
         batch_size: int = 4,
         progress: bool = True,
+        variants: dict[str, Callable[[tuple[int, ...]], nn.Module]] | None = None,
     ) -> None:
         check_supported(model)
         if is_parallelized(model):
@@ -70,7 +71,11 @@ class PlanMeter:
         self.group_options = dict(
             bypass=bypass, bypass_distance=bypass_distance, gates="fixed", gate_shape="scalar"
         )
-        self._groups: dict[tuple[int, ...], nn.Module] = {}
+        # A job may name a variant: how its groups are built (another bypass mode, an averaged
+        # layer, ...) from the group's original layer indices; None is a BranchGroup view as above.
+        self.variants = dict(variants or {})
+        self._groups: dict[tuple[str | None, tuple[int, ...]], nn.Module] = {}
+        self.original: dict | None = None  # {"ppl", "nll", "tokens"}, filled in by measure()
         self.layer_rows = 0  # sum over runs of (original layers run) x (sequences)
         self.head_rows = 0  # sequences whose logits were computed
         self.num_measured = 0
@@ -104,29 +109,35 @@ class PlanMeter:
         return self.head_rows / len(self.tokens)
 
     # -------------------------------------------------------------- running layers
-    def _module(self, indices: tuple[int, ...]) -> nn.Module:
+    def bypass_variant(self, bypass: str, bypass_distance: int = 1) -> Callable[[tuple[int, ...]], nn.Module]:
+        """A variant (for ``variants``) whose groups are views with gates fixed at ``bypass``'s G."""
+        if bypass not in BYPASS_MODES:
+            raise ValueError(f"bypass must be one of {', '.join(map(repr, BYPASS_MODES))}; got {bypass!r}")
+        options = dict(self.group_options, bypass=bypass, bypass_distance=bypass_distance)
+        return lambda indices: self._branch_group(indices, options)
+
+    def _branch_group(self, indices: tuple[int, ...], options: dict) -> nn.Module:
+        attn = self.layers[indices[0]].self_attn
+        # Mistral reads its window from the config; Qwen2/3 set it per layer (as in the surgery).
+        window = getattr(attn, "sliding_window", getattr(self.config, "sliding_window", None))
+        layers = [self.layers[i] for i in indices]
+        return BranchGroup(layers, self.config, indices[0], indices, sliding_window=window, **options)
+
+    def _module(self, indices: tuple[int, ...], variant: str | None = None) -> nn.Module:
         if len(indices) == 1:
             return self.layers[indices[0]]
-        if indices not in self._groups:
-            attn = self.layers[indices[0]].self_attn
-            # Mistral reads its window from the config; Qwen2/3 set it per layer (as in the surgery).
-            window = getattr(attn, "sliding_window", getattr(self.config, "sliding_window", None))
-            group = BranchGroup(
-                [self.layers[i] for i in indices],
-                self.config,
-                indices[0],
-                indices,
-                sliding_window=window,
-                **self.group_options,
-            )
-            self._groups[indices] = group.eval()
-        return self._groups[indices]
+        key = (variant, indices)
+        if key not in self._groups:
+            build = self.variants[variant] if variant is not None else None
+            group = build(indices) if build else self._branch_group(indices, self.group_options)
+            self._groups[key] = group.eval()
+        return self._groups[key]
 
     @contextmanager
-    def _rewired(self, effective: list[tuple[int, ...]]):
+    def _rewired(self, effective: list[tuple[int, ...]], variant: str | None = None):
         base, config = self.model.model, self.config
         saved = base.layers, config.num_hidden_layers, getattr(config, "layer_types", None)
-        base.layers = nn.ModuleList([self._module(e) for e in effective])
+        base.layers = nn.ModuleList([self._module(e, variant) for e in effective])
         config.num_hidden_layers = len(effective)
         if self.layer_types:
             config.layer_types = [self.layer_types[e[0]] for e in effective]
@@ -138,7 +149,14 @@ class PlanMeter:
             if self.layer_types:
                 config.layer_types = saved[2]
 
-    def _run(self, state: torch.Tensor, effective: list[tuple[int, ...]], capture: set[int], logits: bool):
+    def _run(
+        self,
+        state: torch.Tensor,
+        effective: list[tuple[int, ...]],
+        capture: set[int],
+        logits: bool,
+        variant: str | None = None,
+    ):
         """Run ``effective`` layers on ``state``; returns ({boundary: state}, logits or None).
 
         Boundary b is the input of original layer b, i.e. the output of the effective layer
@@ -153,7 +171,7 @@ class PlanMeter:
 
             return hook
 
-        with self._rewired(effective) as modules:
+        with self._rewired(effective, variant) as modules:
             for indices, module in zip(effective, modules, strict=True):
                 if indices[-1] + 1 in capture:
                     handles.append(module.register_forward_hook(saver(indices[-1] + 1)))
@@ -182,8 +200,18 @@ class PlanMeter:
         return self.num_layers
 
     @torch.inference_mode()
-    def measure(self, jobs: Sequence[tuple[Groups, Groups]], *, desc: str = "measure") -> list[dict]:
-        """KL from the original and NLL on the tokens of each ``(plan, reference)``, in order."""
+    def measure(self, jobs: Sequence[tuple], *, desc: str = "measure") -> list[dict]:
+        """KL from the original and NLL on the tokens of each ``(plan, reference)``, in order.
+
+        A job may be ``(plan, reference, variant)``: the plan's groups are then built by
+        ``variants[variant]`` (the reference's trajectory is always the default one). The original
+        model's perplexity on the tokens is left in :attr:`original`.
+        """
+        variant_of = [job[2] if len(job) > 2 else None for job in jobs]
+        unknown = sorted({v for v in variant_of if v is not None and v not in self.variants})
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; this meter has {sorted(self.variants)}")
+        jobs = [(job[0], job[1]) for job in jobs]
         starts = [self.divergence(plan, ref) for plan, ref in jobs]
         if any(s >= self.num_layers for s in starts):
             bad = jobs[starts.index(self.num_layers)][0]
@@ -201,7 +229,7 @@ class PlanMeter:
             needed[()].add(ref_start[ref])
 
         sums = [[0.0, 0.0] for _ in jobs]  # KL, NLL summed over predicted tokens
-        count = 0
+        count, original_nll = 0, 0.0
         was_training = self.model.training
         self.model.eval()
         bar = tqdm(
@@ -222,6 +250,7 @@ class PlanMeter:
                 logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
                 p = logp.exp()
                 neg_entropy = (p * logp).sum(-1)
+                original_nll -= logp.gather(-1, targets[..., None]).sum().item()
                 del logits, logp
                 trajectories = {(): states}
                 for ref in refs:
@@ -235,7 +264,7 @@ class PlanMeter:
                 for n, ((plan, ref), s) in enumerate(zip(jobs, starts, strict=True)):
                     source = trajectories[ref] if ref and s > ref_start[ref] else states
                     tail = [e for e in self.effective(plan) if e[0] >= s]
-                    out = self._run(source[s], tail, set(), logits=True)[1]
+                    out = self._run(source[s], tail, set(), logits=True, variant=variant_of[n])[1]
                     logq = F.log_softmax(out[:, :-1].float(), dim=-1)
                     del out
                     sums[n][0] += (neg_entropy - (p * logq).sum(-1)).sum().item()
@@ -248,6 +277,7 @@ class PlanMeter:
             bar.close()
             self.model.train(was_training)
         self.num_measured += len(jobs)
+        self.original = {"ppl": math.exp(original_nll / count), "nll": original_nll / count, "tokens": count}
         return [{"kl": kl / count, "nll": nll / count, "ppl": math.exp(nll / count)} for kl, nll in sums]
 
     @torch.inference_mode()
