@@ -284,7 +284,8 @@ class PlanMeter:
     def measure_original(self) -> dict:
         """Perplexity of the original model on the tokens (``{"ppl", "nll"}``)."""
         total, count = 0.0, 0
-        for begin in range(0, len(self.tokens), self.batch_size):
+        batches = range(0, len(self.tokens), self.batch_size)
+        for begin in tqdm(batches, desc="original", unit="batch", disable=not self.progress, leave=False):
             ids = self.tokens[begin : begin + self.batch_size].to(self.device)
             logits = self.model(input_ids=ids, use_cache=False).logits
             total += F.cross_entropy(
