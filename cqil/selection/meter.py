@@ -247,11 +247,16 @@ class PlanMeter:
                 states, logits = self._run(embeds, self.effective(()), needed[()], logits=True)
                 states[0] = embeds
                 # The original's next-token distribution, in float32 (bf16 loses small probabilities).
-                logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-                p = logp.exp()
-                neg_entropy = (p * logp).sum(-1)
-                original_nll -= logp.gather(-1, targets[..., None]).sum().item()
-                del logits, logp
+                # One sequence at a time: the float32 temporaries stay one sequence's (T x vocab).
+                p = torch.empty(targets.shape + logits.shape[-1:], dtype=torch.float32, device=logits.device)
+                neg_entropy = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+                for b in range(len(ids)):
+                    logp = F.log_softmax(logits[b, :-1].float(), dim=-1)
+                    p[b] = logp.exp()
+                    neg_entropy[b] = (p[b] * logp).sum(-1)
+                    original_nll -= logp.gather(-1, targets[b, :, None]).sum().item()
+                    del logp
+                del logits
                 trajectories = {(): states}
                 for ref in refs:
                     s0 = ref_start[ref]
@@ -265,11 +270,12 @@ class PlanMeter:
                     source = trajectories[ref] if ref and s > ref_start[ref] else states
                     tail = [e for e in self.effective(plan) if e[0] >= s]
                     out = self._run(source[s], tail, set(), logits=True, variant=variant_of[n])[1]
-                    logq = F.log_softmax(out[:, :-1].float(), dim=-1)
+                    for b in range(len(ids)):
+                        logq = F.log_softmax(out[b, :-1].float(), dim=-1)
+                        sums[n][0] += (neg_entropy[b] - (p[b] * logq).sum(-1)).sum().item()
+                        sums[n][1] -= logq.gather(-1, targets[b, :, None]).sum().item()
+                        del logq
                     del out
-                    sums[n][0] += (neg_entropy - (p * logq).sum(-1)).sum().item()
-                    sums[n][1] -= logq.gather(-1, targets[..., None]).sum().item()
-                    del logq
                     bar.update(1)
                 count += targets.numel()
                 del states, trajectories, p, neg_entropy

@@ -32,8 +32,9 @@ about 2 + L / 2, each later round about 1 + beam_width * pool_size * (mean layer
 new group) / L. On SmolLM2-135M (L = 30) six pairs took 66 passes and 105 plans
 (``bench/plan_search.py``); a 32-layer 7B model is the same count of passes, each a forward of
 the model over the calibration set: a few hundred sequences of 2k tokens, so tens of minutes on
-one GPU. Memory per batch: the original's next-token log-probabilities (B x T x vocab, float32,
-twice) and the kept hidden states (at most (beam_width + 1) x L x B x T x hidden).
+one GPU. Memory per batch: the original's next-token probabilities (B x T x vocab, float32), one
+candidate's logits, one sequence's float32 log-probabilities at a time, and the kept hidden
+states (at most (beam_width + 1) x L x B x T x hidden).
 
 The latency model behind ``speedup`` lives in :mod:`cqil.selection.latency`, the measurement in
 :mod:`cqil.selection.meter`, the result and its report files in :mod:`cqil.selection.plans`, and
