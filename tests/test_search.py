@@ -250,6 +250,7 @@ def test_analyze_shows_the_measured_ranking_beside_similarity(tmp_path):
         num_sequences=4,
         batch_size=2,
         bypass_modes=("lp",),
+        measured=True,
         coalesced=False,
     )
     groups = result["groups"]
@@ -354,3 +355,34 @@ def test_plan_search_bench_tiny():
         assert (
             rows["searched"]["calib_kl"] <= rows["scan"]["calib_kl"] + 1e-9 or len(rows["scan"]["groups"]) > 1
         )
+
+
+def test_one_options_class_for_the_library_the_cli_and_the_recipe():
+    import argparse
+    import dataclasses
+
+    from cqil.cli.plan import add_plan_parser, search_options
+    from cqil.recovery.recipe import PlanSearchConfig
+    from cqil.selection.options import SearchOptions
+
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers())
+    args = parser.parse_args(["plan", "--model", "m", "--data", "d", "--out", "o", "--target-depth", "6"])
+    assert search_options(args) == SearchOptions(target_depth=6)
+    section = PlanSearchConfig(speedup=1.2, beam_width=3)
+    options = section.options(bypass="cqil", bypass_distance=2, seed=5)
+    assert options == SearchOptions(speedup=1.2, beam_width=3, bypass="cqil", bypass_distance=2, seed=5)
+    for f in dataclasses.fields(PlanSearchConfig):
+        if hasattr(SearchOptions, f.name):
+            assert f.default == getattr(SearchOptions(), f.name), f.name
+    with pytest.raises(TypeError, match="unknown plan search options"):
+        SearchOptions().replace(beam=3)
+
+
+def test_search_plan_takes_options_or_keywords():
+    from cqil.selection.options import SearchOptions
+
+    model = planted_model()
+    a = search_plan(model, calib(), SearchOptions(target_depth=7), latency=UNIFORM, progress=False)
+    b = search_plan(model, calib(), target_depth=7, latency=UNIFORM, progress=False)
+    assert a.plan == b.plan and a.chosen == b.chosen

@@ -139,3 +139,114 @@ def test_analyze_rejects_unknown_bypass_before_measuring(tmp_path):
             bypass_modes=("lp", "sideways"),
         )
     assert not (tmp_path / "out").exists()
+
+
+def _analyze_tiny(tmp_path, model, **kw):
+    data = write_corpus(tmp_path / "calib.jsonl.gz")
+    return analyze(
+        model,
+        make_tokenizer(),
+        [data],
+        num_groups=[1, 2],
+        degree=2,
+        out_dir=tmp_path / "out",
+        seq_len=16,
+        num_sequences=4,
+        batch_size=2,
+        progress=False,
+        **kw,
+    )
+
+
+def test_analyze_default_does_not_rank_every_group(tmp_path, monkeypatch):
+    import cqil.selection.meter
+    import cqil.selection.similarity
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the per-group ranking ran by default")
+
+    monkeypatch.setattr(cqil.selection.meter.PlanMeter, "windows", refuse)
+    monkeypatch.setattr(cqil.selection.similarity, "measure_windows", refuse)
+    monkeypatch.setattr(cqil.selection.similarity, "rank_groups", refuse)
+    result = _analyze_tiny(tmp_path, make_model("llama"))
+    assert "groups" not in result
+    assert all(set(e["perplexity"]) == {"lp", "none", "cqil", "coalesce"} for e in result["plans"])
+
+
+def _calib_tokens(tmp_path):
+    from cqil.recovery.data import calibration_tokens
+
+    data = write_corpus(tmp_path / "calib.jsonl.gz")
+    return calibration_tokens(make_tokenizer(), [data], seq_len=16, num_sequences=4)
+
+
+def test_candidate_evaluation_is_in_place_and_leaves_the_model_bit_identical(tmp_path, monkeypatch):
+    import copy
+
+    from cqil.selection.search import measure_plans
+
+    model = make_model("llama")
+    tokens = _calib_tokens(tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = list(model.model.layers)
+    with torch.inference_mode():
+        logits = model(input_ids=tokens).logits
+    deepcopy = copy.deepcopy
+
+    def no_model_copy(obj, *args, **kwargs):
+        if obj is model or obj is model.model or obj is model.model.layers:
+            raise AssertionError("the whole model was copied")
+        return deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copy)
+    _analyze_tiny(tmp_path, model, measured=True)
+    measure_plans(model, tokens, ["2-6:2", [[0, 1, 2]]], bypass="cqil", batch_size=2, progress=False)
+    monkeypatch.undo()
+
+    assert list(model.model.layers) == layers and model.config.num_hidden_layers == 8
+    assert getattr(model.config, "cqil", None) is None
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=tokens).logits, logits)
+
+
+def test_measured_numbers_match_a_rewritten_copy(tmp_path):
+    """The in-place measurements give what rewriting a copy of the model and measuring it gives."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from cqil.evaluation.metrics import perplexity
+    from cqil.rewrite.coalescing import coalesce
+    from cqil.rewrite.surgery import parallelize
+
+    model = make_model("llama")
+    tokens = _calib_tokens(tmp_path)
+    result = _analyze_tiny(tmp_path, model, measured=True)
+    with torch.inference_mode():
+        logp = F.log_softmax(model(input_ids=tokens).logits[:, :-1].float(), dim=-1)
+
+    def kl(candidate):
+        with torch.inference_mode():
+            logq = F.log_softmax(candidate(input_ids=tokens).logits[:, :-1].float(), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean().item()
+
+    original = perplexity(model, tokens, batch_size=2, progress=False)
+    assert result["original"]["ppl"] == pytest.approx(original["ppl"], rel=1e-5)
+    assert result["original"]["tokens"] == original["tokens"]
+    for entry in result["plans"]:
+        plan = GroupPlan.from_dict(entry["plan"])
+        for mode, measured in entry["perplexity"].items():
+            if mode == "coalesce":
+                candidate = coalesce(model, plan)
+            else:
+                candidate = parallelize(copy.deepcopy(model), plan, bypass=mode)
+            expected = perplexity(candidate, tokens, batch_size=2, progress=False)
+            assert measured["ppl"] == pytest.approx(expected["ppl"], rel=1e-5), (entry["spec"], mode)
+            assert measured["kl"] == pytest.approx(kl(candidate), rel=1e-4, abs=1e-7)
+    for group in result["groups"]:
+        candidate = parallelize(copy.deepcopy(model), [group["layers"]], bypass="lp")
+        expected = perplexity(candidate, tokens, batch_size=2, progress=False)
+        assert group["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
+        assert group["kl"] == pytest.approx(kl(candidate), rel=1e-4, abs=1e-7)

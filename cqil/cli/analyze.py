@@ -14,8 +14,9 @@ def add_analyze_parser(subparsers) -> None:
         description="Measure the cosine similarity of the decoder layers' inputs on calibration "
         "text, suggest the most similar contiguous range for each group count, and measure the "
         "perplexity of each suggestion under every bypass mode and as a depth-coalesced model "
-        "(averaged layers). Writes similarity.json and "
-        "similarity.png into --out.",
+        "(averaged layers), each in place from its first group on (the model is never copied). With "
+        "--rank-groups, also the measured cost of every group beside its similarity. Writes "
+        "similarity.json and similarity.png into --out.",
     )
     p.add_argument("--model", required=True, help="embedded name (smollm2-135m), HF folder or Hub id")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="JSONL(.gz) files, dirs or globs")
@@ -27,6 +28,12 @@ def add_analyze_parser(subparsers) -> None:
     p.add_argument("--num-sequences", type=int, default=32, help="calibration sequences")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--rank-groups",
+        action="store_true",
+        help="also measure every group of --degree layers on its own (calibration KL and perplexity) "
+        "and rank them beside their similarity: one measurement per group, from its first layer on",
+    )
     p.set_defaults(run=run_analyze)
 
 
@@ -47,6 +54,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         num_sequences=args.num_sequences,
         batch_size=args.batch_size,
+        measured=args.rank_groups,
         overwrite=args.overwrite,
     )
     calib = result["calibration"]

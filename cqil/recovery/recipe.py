@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from cqil.errors import RecipeError
+from cqil.selection.options import SearchOptions
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", **checks: Any) -> Any:
@@ -57,22 +58,29 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class PlanSearchConfig:
-    """How ``parallelize.groups: auto`` chooses the groups (:func:`cqil.selection.search.search_plan`); one budget."""
+    """How ``parallelize.groups: auto`` chooses the groups: the recipe's view of
+    :class:`~cqil.selection.options.SearchOptions` (:meth:`options` converts); one budget."""
 
-    degree: int = _f(2, "layers per searched group", ge=2)
+    degree: int = _f(SearchOptions.degree, "layers per searched group", ge=2)
     target_depth: int | None = _f(None, "budget: the effective depth to reach exactly", ge=1)
     speedup: float | None = _f(
-        None, "budget: the least estimated speedup (latency model of cqil.selection.search)", gt=1
+        None, "budget: the least estimated speedup (latency model of cqil.selection.latency)", gt=1
     )
     max_ppl_increase: float | None = _f(
         None, "budget: the shallowest plan within this calibration perplexity rise, in percent", gt=0
     )
     num_sequences: int = _f(32, "calibration sequences of train.seq_len tokens (train split)", ge=1)
-    beam_width: int = _f(2, "plans kept from one search round to the next", ge=1)
-    pool_size: int = _f(8, "cheapest groups tried as each kept plan's next group", ge=1)
-    batch_size: int = _f(4, "calibration sequences per forward pass", ge=1)
+    beam_width: int = _f(SearchOptions.beam_width, "plans kept from one search round to the next", ge=1)
+    pool_size: int = _f(SearchOptions.pool_size, "cheapest groups tried as each kept plan's next group", ge=1)
+    batch_size: int = _f(SearchOptions.batch_size, "calibration sequences per forward pass", ge=1)
 
-    BUDGETS = ("target_depth", "speedup", "max_ppl_increase")
+    BUDGETS = SearchOptions.BUDGETS
+
+    def options(self, *, bypass: str = "lp", bypass_distance: int = 1, seed: int = 0) -> SearchOptions:
+        """The :class:`~cqil.selection.options.SearchOptions` this section asks for."""
+        shared = ("degree", *self.BUDGETS, "beam_width", "pool_size", "batch_size")
+        kw = {k: getattr(self, k) for k in shared}
+        return SearchOptions(bypass=bypass, bypass_distance=bypass_distance, seed=seed, **kw)
 
 
 @dataclass(kw_only=True)

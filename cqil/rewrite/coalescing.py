@@ -271,3 +271,20 @@ def _copy_checked(dest: torch.Tensor, value: torch.Tensor, name: str) -> None:
             f"parameter {name!r} has shape {tuple(value.shape)} in small but {tuple(dest.shape)} in like"
         )
     dest.copy_(value)
+
+
+def coalesced_layer(layers: Sequence[nn.Module], group: Sequence[int], config=None) -> nn.Module:
+    """One new decoder layer whose parameters are the mean over ``layers[i] for i in group``.
+
+    The layer :func:`coalesce` puts in place of ``group``, built alone: only that layer's weights
+    are copied (``config``, the model's config, is shared rather than copied) and ``layers`` are
+    left untouched. Lets a caller measure a coalesced group in place of the original layers.
+    """
+    group = tuple(group)
+    first = layers[group[0]]
+    memo = {id(config): config} if config is not None else {}
+    merged = copy.deepcopy(first, memo)
+    if len(group) > 1:
+        with torch.no_grad():
+            _average_into(merged, [layers[i] for i in group], group)
+    return merged

@@ -10,7 +10,6 @@ in perplexity before any recovery training.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -24,10 +23,10 @@ from cqil.errors import PlanError
 from cqil.evaluation.metrics import perplexity
 from cqil.files import check_out_dir, write_atomic
 from cqil.recovery.data import calibration_tokens
-from cqil.rewrite.coalescing import coalesce
+from cqil.rewrite.coalescing import coalesced_layer
 from cqil.rewrite.group import BYPASS_MODES
 from cqil.rewrite.plan import GroupPlan
-from cqil.rewrite.surgery import parallelize
+from cqil.selection.meter import PlanMeter, measure_windows
 
 
 def layer_input_similarity(
@@ -128,15 +127,18 @@ def rank_groups(
     """Every group of ``degree`` consecutive layers ranked two ways: by input similarity and measured.
 
     ``sim`` is the (L, L) input-similarity matrix. Each group is also run as a one-group plan on
-    ``tokens`` (:func:`cqil.selection.search.measure_windows`: calibration KL from the original model and
+    ``tokens`` (:func:`cqil.selection.meter.measure_windows`: calibration KL from the original model and
     perplexity). Returns one entry per group, by first layer: ``{"layers", "similarity",
     "similarity_rank", "kl", "ppl", "measured_rank"}`` (rank 1 is the best: most similar inputs,
     lowest KL). Where the ranks disagree, similarity is a poor guide.
     """
-    from cqil.selection.search import measure_windows
-
-    sim = torch.as_tensor(sim, dtype=torch.float64)
     measured, _ = measure_windows(model, tokens, degree=degree, bypass=bypass, batch_size=batch_size)
+    return _rank_entries(measured, sim, degree)
+
+
+def _rank_entries(measured: list[dict], sim, degree: int) -> list[dict]:
+    """:func:`rank_groups`' entries from the measured windows (``{"layers", "kl", "ppl", ...}``)."""
+    sim = torch.as_tensor(sim, dtype=torch.float64)
     pairs = torch.triu_indices(degree, degree, offset=1)
     entries = []
     for m in measured:
@@ -182,22 +184,28 @@ def analyze(
     batch_size: int = 4,
     bypass_modes: Sequence[str] = ("lp", "none", "cqil"),
     coalesced: bool = True,
-    measured: bool = True,
+    measured: bool = False,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Measure layer-input similarity, suggest plans and their perplexity before recovery.
 
     For each count in ``num_groups`` (an int or a list), the best range of :func:`rank_ranges`
-    becomes a plan, applied to a deep copy of ``model`` under each bypass mode; its perplexity
-    on the calibration tokens is measured next to the original model's. Writes
+    becomes a plan, measured under each bypass mode (perplexity on the calibration tokens and KL
+    from the original, next to the original model's perplexity) in place: the model's layer list
+    is swapped for the plan's groups, views over the original layers with gates at the mode's G,
+    and put back; a plan runs only from its first group on (:class:`~cqil.selection.meter.PlanMeter`),
+    and the model is never copied. Writes
     ``similarity.json`` (the returned dict) and ``similarity.png`` (the heatmap with each
     suggested plan's groups outlined) into ``out_dir``. ``model`` itself is left unchanged.
     With ``coalesced``, each plan is also measured as a depth-coalesced model (one averaged
-    layer per group, :func:`cqil.rewrite.coalescing.coalesce`), the alternative that parallel groups
-    are compared against. With ``measured``, every group of ``degree`` consecutive layers is
+    layer per group, as :func:`cqil.rewrite.coalescing.coalesce` builds it; only the grouped
+    layers' weights are copied), the alternative that parallel groups are compared against. With
+    ``measured`` (off by default: one measurement per window), every group of ``degree`` consecutive layers is
     also measured on its own (``lp`` bypass: calibration KL from the original and perplexity,
     :func:`rank_groups`), so the similarity ranking and the measured ranking sit side by side
-    in ``result["groups"]`` and in a last panel of the PNG.
+    in ``result["groups"]`` and in a last panel of the PNG. Every window shares the original's
+    prefix with the plans, computed once per batch.
     """
     counts = [num_groups] if isinstance(num_groups, int) else list(num_groups)
     num_layers = len(model.model.layers)
@@ -213,24 +221,41 @@ def analyze(
 
     data_paths = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)
     tokens = calibration_tokens(tokenizer, data_paths, seq_len=seq_len, num_sequences=num_sequences)
-    sim = layer_input_similarity(model, tokens, batch_size=batch_size)
-    original = perplexity(model, tokens, batch_size=batch_size)
+    sim = layer_input_similarity(model, tokens, batch_size=batch_size, progress=progress)
 
     plans = [_plan_entry(sim["matrix"], count, degree) for count in counts]
     modes = list(bypass_modes) + (["coalesce"] if coalesced else [])
-    jobs = tqdm([(entry, mode) for entry in plans for mode in modes], desc="plans", unit="plan")
-    for entry, mode in jobs:
-        jobs.set_postfix_str(f"{entry['spec']}, {mode}")
-        plan = GroupPlan.from_dict(entry["plan"])
-        if mode == "coalesce":
-            candidate = coalesce(model, plan)
-        else:
-            candidate = parallelize(copy.deepcopy(model), plan, bypass=mode)
-        entry["perplexity"][mode] = perplexity(candidate, tokens, batch_size=batch_size)
-        del candidate  # free this copy before the next one is made: one copy at a time
-
+    meter = PlanMeter(model, tokens, batch_size=batch_size, progress=progress)
+    meter.variants |= {mode: meter.bypass_variant(mode) for mode in bypass_modes}
+    meter.variants["coalesce"] = lambda indices: coalesced_layer(meter.layers, indices, model.config)
+    jobs, where = [], []
+    for entry in plans:
+        groups = GroupPlan.from_dict(entry["plan"]).groups
+        meter.check_types(groups)
+        for mode in modes:
+            jobs.append((groups, (), mode))
+            where.append((entry, mode))
+    windows = meter.windows(degree) if measured else []
+    jobs += [((w,), ()) for w in windows]  # the ranking: lp, the meter's default
+    what = f"{len(plans)} plan{'s' * (len(plans) > 1)} x {len(modes)} modes" + (
+        f" + {len(windows)} groups" if windows else ""
+    )
+    scores = meter.measure(jobs, desc=f"measuring {what}") if jobs else []
+    tokens_count = meter.original["tokens"] if jobs else None
+    for (entry, mode), score in zip(where, scores, strict=False):
+        entry["perplexity"][mode] = {"ppl": score["ppl"], "nll": score["nll"], "tokens": tokens_count}
+        entry["perplexity"][mode]["kl"] = score["kl"]
+    # The original's perplexity comes with the plans' measurement (it runs once per batch anyway).
+    original = meter.original if jobs else perplexity(model, tokens, batch_size=batch_size, progress=progress)
+    window_scores = scores[len(where) :]
     groups = (
-        rank_groups(model, tokens, sim["matrix"], degree=degree, batch_size=batch_size) if measured else []
+        _rank_entries(
+            [{"layers": list(w), **s} for w, s in zip(windows, window_scores, strict=True)],
+            sim["matrix"],
+            degree,
+        )
+        if measured
+        else []
     )
 
     result = {
