@@ -145,6 +145,11 @@ def remove_stale(output_dir: Path) -> list[Path]:
     return stale
 
 
+# What the project's own job scripts write into output_dir before the run starts (the Slurm logs of
+# launch/slurm/recover.sbatch): a folder holding only these is still a new run's folder.
+LAUNCHER_LOGS = ("slurm",)
+
+
 def check_run(trainer: RecoveryTrainer) -> None:
     """Bad input fails here, in one line: the model (from its config), the output folder, the data
     paths, and a folder that holds a run of another recipe (:mod:`cqil.recovery.fingerprint`)."""
@@ -156,7 +161,7 @@ def check_run(trainer: RecoveryTrainer) -> None:
     check_data(recipe, source)
     trainer.fingerprint = fingerprint.run_fingerprint(recipe, trainer.accelerator.num_processes)
     trainer.marker = fingerprint.read_marker(out)
-    if trainer.marker is None and out.is_dir() and any(out.iterdir()):
+    if trainer.marker is None and out.is_dir() and any(p.name not in LAUNCHER_LOGS for p in out.iterdir()):
         raise OutputDirError(
             f"output_dir {out} is not empty and is not a cqil run (no {fingerprint.MARKER}); "
             "choose a new output_dir"
