@@ -5,8 +5,7 @@ the grouped region (the teacher's only weights of its own, :mod:`cqil.recovery.m
 held-out perplexity of the original, parallelize, measure again, train under accelerate (DDP or
 DeepSpeed ZeRO), checkpoint and resume exactly (:mod:`cqil.recovery.checkpoint`), measure the
 recovered model, and hand it to the export step (:mod:`cqil.recovery.finish`).
-:meth:`RecoveryTrainer.setup` is a sequence of named steps (``_setup_accelerator``,
-``_setup_model``, ``_setup_plan``, ...), each a method of its own.
+:meth:`RecoveryTrainer.setup` is a sequence of named steps, each a method of its own.
 
 ``parallelize.mode: coalesce`` swaps the transform and nothing else: the student is
 :func:`cqil.coalesce` of the original (one standard layer of averaged weights per group, a shallower
@@ -124,6 +123,7 @@ class RecoveryTrainer:
     def _setup_checks(self) -> None:
         """Bad input fails here, in one line (:func:`cqil.recovery.preflight.check_run`)."""
         preflight.check_run(self)
+        self.accelerator.wait_for_everyone()  # all ranks have read output_dir before the marker is written
 
     def _setup_run_folder(self) -> None:
         """The marker first (a new run), the history of a changed recipe, stale temporaries removed."""
