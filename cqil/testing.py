@@ -78,18 +78,23 @@ BUILDERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwe
 ARCHS = list(BUILDERS)
 
 
+@torch.no_grad()
+def randomize_weights(model) -> None:
+    """Weights (norms included) far from their init values, from torch's current random state."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.3 * torch.randn_like(p))  # non-trivial norm weights test the folding
+        elif p.dim() == 1:
+            p.copy_(0.05 * torch.randn_like(p))
+        else:
+            p.normal_(0.0, 0.08)
+
+
 def make_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa"):
     """A tiny random model whose weights (norms included) are far from their init values."""
     torch.manual_seed(seed)
     model = BUILDERS[arch]()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))  # non-trivial norm weights test the folding
-            elif p.dim() == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
+    randomize_weights(model)
     model.config._attn_implementation = attn_implementation
     return model.eval()
 

@@ -34,7 +34,7 @@ import cqil
 from cqil.export.gguf import check_gguf, export_gguf, permute_qk, unpermute_qk, write_gguf, write_modelfile
 from cqil.export.write import export_model
 from cqil.rewrite.group import apply_rotary
-from cqil.testing import SENTENCES
+from cqil.testing import SENTENCES, randomize_weights
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_PYTHON = REPO / ".venv-llama" / "bin" / "python"
@@ -126,14 +126,7 @@ def tiny_model(arch: str, *, vocab: int = BPE_VOCAB, layers: int = 6, seed: int 
         setattr(config, key, value)
     torch.manual_seed(seed)
     model = cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
+    randomize_weights(model)
     model.config._attn_implementation = "eager"
     return model.eval()
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cqil.testing import randomize_weights
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 CHILD = Path(__file__).resolve().parent / "vllm_child.py"
@@ -106,14 +108,7 @@ def tiny_model(arch: str, seed: int = 0):
         model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32))
     else:
         raise ValueError(arch)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))  # non-trivial norm weights test the folding
-            elif p.dim() == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
+    randomize_weights(model)
     return model.eval()
 
 

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from cqil.errors import ModelError, OutputDirError
-from cqil.rewrite.group import BranchGroup, MergedGroup, ParallelGroup
+from cqil.rewrite.group import BranchGroup, ParallelGroup
+from cqil.rewrite.surgery import merged_lp_group
 
 ARCH = "deci"
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -330,19 +331,7 @@ def _model_spec(model, tokenizer, context_length, *, tensors: bool = True) -> _S
         if plain is not None:
             state = {k: v for k, v in plain.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
         else:
-            group = layer
-            if not isinstance(group, MergedGroup):
-                group = MergedGroup.from_layers(
-                    list(group.branches),
-                    group.config,
-                    group.layer_idx,
-                    group.original_indices,
-                    bypass="lp",
-                    bypass_distance=group.bypass_distance,
-                    gates="fixed",
-                    gate_shape=group.gate_shape,
-                    sliding_window=group.sliding_window,
-                )
+            group = merged_lp_group(layer)
             state = group.plain_layer_state_dict()
         spec.n_head.append(state["self_attn.q_proj.weight"].shape[0] // hd)
         spec.n_head_kv.append(state["self_attn.k_proj.weight"].shape[0] // hd)

@@ -21,7 +21,7 @@ from cqil.errors import ModelError
 from cqil.export.card import _hub_id, _read_recipe, _read_report, render_model_card
 from cqil.export.load import AUTO_MAP, CODE_FILES, _compare_shapes, _expected_shapes, _parse_dtype
 from cqil.files import check_out_dir, staged_folder
-from cqil.rewrite.surgery import layers_prefix
+from cqil.rewrite.surgery import layers_prefix, merged_lp_group
 
 if TYPE_CHECKING:
     from torch import nn
@@ -167,7 +167,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str, torch.Tensor]:
     """The tensors to save: the model's state dict without tied copies, groups folded if asked."""
-    from cqil.rewrite.group import MergedGroup, ParallelGroup
+    from cqil.rewrite.group import ParallelGroup
 
     state = dict(model.state_dict())
     # A tied output projection is the embedding matrix; save it once, as transformers does.
@@ -197,18 +197,7 @@ def _export_state_dict(model: nn.Module, cqil: dict, *, fold: bool) -> dict[str,
                 f"cannot fold {where}: its gates are not all 1 (min {gates.min().item():.4g}, "
                 f"max {gates.max().item():.4g}); fold needs lp gates at 1"
             )
-        if not isinstance(group, MergedGroup):
-            group = MergedGroup.from_layers(
-                list(group.branches),
-                group.config,
-                group.layer_idx,
-                group.original_indices,
-                bypass="lp",
-                bypass_distance=group.bypass_distance,
-                gates="fixed",
-                gate_shape=group.gate_shape,
-                sliding_window=group.sliding_window,
-            )
+        group = merged_lp_group(group)
         try:
             plain = group.plain_layer_state_dict()
         except ValueError as e:

@@ -166,3 +166,23 @@ def gate_values(model: nn.Module) -> dict[int, torch.Tensor]:
     return {
         g.layer_idx: g.gate_matrix().detach().cpu() for g in parallel_groups(model) if g.gates is not None
     }
+
+
+def merged_lp_group(group: ParallelGroup) -> MergedGroup:
+    """The merged form of a group that folds (``lp``, gates at 1): itself, or its branches fused.
+
+    Folding into one plain layer (the export's ``fold``, the GGUF writer) reads the merged weights.
+    """
+    if isinstance(group, MergedGroup):
+        return group
+    return MergedGroup.from_layers(
+        list(group.branches),
+        group.config,
+        group.layer_idx,
+        group.original_indices,
+        bypass="lp",
+        bypass_distance=group.bypass_distance,
+        gates="fixed",
+        gate_shape=group.gate_shape,
+        sliding_window=group.sliding_window,
+    )
