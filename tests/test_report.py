@@ -164,6 +164,7 @@ def _report(**extra) -> dict:
         "perplexity": ppl,
         "perplexity_by_source": {"A": {s: dict(v, tokens=60) for s, v in ppl.items()}},
         "gap_closed": gap_closed(ppl),
+        "gap_closed_by_source": {"A": gap_closed(ppl)},
         "latency": {
             "device": "CPU x",
             "prefill_len": 16,
@@ -208,7 +209,7 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "**80.0 % of the perplexity gap closed, 1.25× faster decode.**" in md
-    assert "| A (60 tokens) | 10.000 | 20.000 | 12.000 |" in md and "![losses](losses.png)" in md
+    assert "| A (60 tokens) | 10.000 | 20.000 | 12.000 | 80.0 % |" in md and "![losses](losses.png)" in md
     with pytest.raises(FileExistsError, match="overwrite"):
         write_report(_report(), out)
     write_report(_report(gap_closed=None), out, overwrite=True)

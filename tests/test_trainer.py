@@ -211,6 +211,12 @@ def test_run_trains_only_the_groups_and_recovers(tiny_model_dir, tmp_path):
     lost = saved["parallelized"]["ppl"] - saved["original"]["ppl"]
     won = saved["parallelized"]["ppl"] - saved["recovered"]["ppl"]
     assert report["gap_closed"] == (pytest.approx(won / lost) if lost > 0 else None)
+    for source, by in saved["recovered"]["by_source"].items():  # and per source
+        lost = (
+            saved["parallelized"]["by_source"][source]["ppl"] - saved["original"]["by_source"][source]["ppl"]
+        )
+        won = saved["parallelized"]["by_source"][source]["ppl"] - by["ppl"]
+        assert report["gap_closed_by_source"][source] == (pytest.approx(won / lost) if lost > 0 else None)
     assert report["latency"]["ideal"] == pytest.approx(8 / 6, rel=1e-3) and report["tokens_trained"] == 6 * 64
     assert report["plots"] == ["similarity.png", "losses.png", "perplexity.png", "quality_latency.png"]
     history = [

@@ -101,6 +101,9 @@ def build_report(
         }
         report["perplexity_by_source"] = by_source(perplexity_results)
         report["gap_closed"] = gap_closed(report["perplexity"])
+        report["gap_closed_by_source"] = {
+            source: gap_closed(numbers) for source, numbers in report["perplexity_by_source"].items()
+        }
     if eval_dataset is not None:
         report["eval_dataset"] = eval_dataset
     if lm_eval:
@@ -173,11 +176,24 @@ def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
         where = f" on `{report['eval_dataset']}`" if report.get("eval_dataset") else ""
         tokens = next(iter(ppl.values())).get("tokens")
         lines += [f"### Perplexity{where} ({tokens:,} tokens, lower is better)", ""]
-        rows = [["all", *[_num(ppl[s]["ppl"]) for s in stages]]]
+        # The share of each text's rewrite loss won back: sources recover unequally.
+        closed = (report.get("gap_closed_by_source") or {}) if report.get("gap_closed") is not None else None
+        gap = [] if closed is None else ["gap closed"]
+
+        def pct(value):
+            return [] if closed is None else ["–" if value is None else f"{100 * value:.1f} %"]
+
+        rows = [["all", *[_num(ppl[s]["ppl"]) for s in stages], *pct(report.get("gap_closed"))]]
         for source, numbers in (report.get("perplexity_by_source") or {}).items():
             n = next(iter(numbers.values())).get("tokens")
-            rows.append([f"{source} ({n:,} tokens)", *[_num(numbers.get(s, {}).get("ppl")) for s in stages]])
-        lines += _table(["text", *stages], rows)
+            rows.append(
+                [
+                    f"{source} ({n:,} tokens)",
+                    *[_num(numbers.get(s, {}).get("ppl")) for s in stages],
+                    *pct(None if closed is None else closed.get(source)),
+                ]
+            )
+        lines += _table(["text", *stages, *gap], rows)
     lm_eval = report.get("lm_eval") or {}
     lm_stages = [s for s in STAGES if s in lm_eval]
     if lm_stages:
