@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss
+from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss, local_loss
 
 
 def test_lm_loss_is_next_token_cross_entropy():
@@ -39,6 +39,24 @@ def test_hidden_loss_is_mean_mse_over_boundaries():
     assert hidden_loss(a, b).item() == pytest.approx(0.5)
     with pytest.raises(ValueError):
         hidden_loss(a, b[:1])
+
+
+def test_local_loss_is_the_relative_error_of_each_update():
+    torch.manual_seed(0)
+    x = [torch.randn(2, 3, 4), 10 * torch.randn(2, 3, 4)]
+    t = [x[0] + torch.randn(2, 3, 4), x[1] + 10 * torch.randn(2, 3, 4)]
+    assert local_loss(t, t, x).item() == 0
+    s = [ti + 0.1 * (ti - xi) for ti, xi in zip(t, x, strict=True)]  # 1 % of each update's energy off
+    assert local_loss(s, t, x).item() == pytest.approx(0.01, rel=1e-5)
+    # Weighed alike: the second group's ten-fold scale does not dominate.
+    one = local_loss([s[0], t[1]], t, x).item()
+    assert one == pytest.approx(0.005, rel=1e-5)
+    manual = (
+        sum(((si - ti) ** 2).mean() / ((ti - xi) ** 2).mean() for si, ti, xi in zip(s, t, x, strict=True)) / 2
+    )
+    assert local_loss(s, t, x).item() == pytest.approx(manual.item(), rel=1e-6)
+    with pytest.raises(ValueError):
+        local_loss(s, t, x[:1])
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,8 @@ REQUIRED_KEYS = [
     "train.loss.kd",
     "train.loss.kd_temperature",
     "train.loss.hidden",
+    "train.loss.local",
+    "train.local_steps",
     "train.lora",
     "data.train",
     "data.eval",
@@ -182,6 +184,9 @@ def test_defaults_and_overrides():
         ("data.mixture={a: -1}", "data.mixture.a", "negative"),
         ("data.eval_fraction=1", "data.eval_fraction", "< 1"),
         ("train.warmup_steps=500", "train.warmup_steps", "max_steps"),
+        ("train.local_steps=500", "train.local_steps", "max_steps"),
+        ("train.loss.local=-1", "train.loss.local", ">= 0"),
+        ("train.cpu_threads=0", "train.cpu_threads", ">= 1"),
         ("train.loss={kd: 0, lm: 0, hidden: 0}", "train.loss", "nothing would train"),
         ("train.trackers=[mlflow]", "train.trackers[0]", "one of"),
         ("train=3", "train", "mapping"),
@@ -195,6 +200,19 @@ def test_errors_name_the_file_and_dotted_path(tmp_path, override, path, message)
     # An override's error names the command line and the override, not the recipe file.
     assert str(caught.value).startswith(f"<command line>: {override}: ")
     assert caught.value.path == override and path
+
+
+def test_the_local_loss_refuses_adapters_outside_the_groups(tmp_path):
+    recipe = tmp_path / "local.yaml"
+    recipe.write_text(
+        "parallelize:\n  groups: '2-6:2'\ntrain:\n  max_steps: 4\n  local_steps: 2\n"
+        "  lora: {target: all}\noutput_dir: out\n"
+    )
+    with pytest.raises(
+        RecipeError, match=r"local.yaml: train.local_steps: the local loss trains the groups alone"
+    ):
+        load_recipe(recipe)
+    assert load_recipe(recipe, ["train.lora.target=groups"]).train.local_steps == 2
 
 
 def test_errors_in_the_file_itself(tmp_path):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from cqil.recovery.losses import hidden_loss, kd_loss, lm_loss
+from cqil.recovery.losses import hidden_loss, kd_loss, lm_loss, local_loss
 from cqil.recovery.model import RecoveryModel
 from cqil.rewrite.surgery import parallelize, trainable_parameters
 from cqil.testing import make_model
@@ -87,6 +87,43 @@ def test_optimized_step_equals_the_naive_one(arch, kd, lm, hidden, temperature, 
     # Only the groups learn: the rest of the student and the teacher's copies get no gradient.
     assert all(p.grad is None for p in rm.parameters())
     assert any(g.abs().max() > 0 for g in got_grads.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_local_step_runs_each_group_on_the_original_models_state(arch, input_ids):
+    """local_only: each group's output on the original's state at its input, against the original layers'
+    output there, and gradients to the groups alone; the same term as a weighted part of a full step."""
+    student, original, layers = student_and_teachers(arch)
+    params = trainable_parameters(student)
+    with torch.no_grad():
+        ref = original(input_ids, output_hidden_states=True).hidden_states  # [i]: the input of layer i
+    position_ids = torch.arange(input_ids.shape[1])[None]
+    rm = RecoveryModel(student, layers, kd=1.0, local=0.5).train()
+    masks = rm._masks(ref[0], position_ids)
+    ctx = {
+        "position_embeddings": student.model.rotary_emb(ref[0], position_ids),
+        "position_ids": position_ids,
+    }
+    # Groups [2, 3] and [5, 6] sit at effective layers 2 and 4.
+    outs = [
+        rm._run(student.model.layers[e], ref[g[0]], masks["full_attention"], ctx)
+        for e, g in [(2, GROUPS[0]), (4, GROUPS[1])]
+    ]
+    expected = local_loss(outs, [ref[4], ref[7]], [ref[2], ref[5]])
+    expected_grads = grads_of(expected, params)
+
+    got = rm(input_ids, local_only=True)
+    assert set(got) == {"local", "loss"}
+    torch.testing.assert_close(got["loss"], expected.detach())
+    got_grads = grads_of(got["loss"], params)
+    for name in params:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], msg=name)
+    assert all(p.grad is None for p in rm.parameters())
+    assert all(g.abs().max() > 0 for g in got_grads.values())  # every group and gate learns
+
+    mixed = rm(input_ids)
+    torch.testing.assert_close(mixed["local"], expected.detach())
+    torch.testing.assert_close(mixed["loss"], mixed["kd"] + 0.5 * mixed["local"])
 
 
 def test_unfused_path_is_the_same_step(input_ids):

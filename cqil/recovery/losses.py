@@ -1,4 +1,4 @@
-"""Recovery losses: next-token cross-entropy, logit distillation and hidden-state matching.
+"""Recovery losses: next-token cross-entropy, logit distillation, hidden-state and local matching.
 
 All three take tensors shaped like a causal LM's outputs, (B, T, V) logits and (B, T, D) hidden
 states, compute in float32 whatever the model's dtype, and return a scalar mean over tokens.
@@ -39,6 +39,28 @@ def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]
     if len(student) != len(teacher) or not student:
         raise ValueError(f"need the same non-zero number of states, got {len(student)} and {len(teacher)}")
     total = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=True))
+    return total / len(student)
+
+
+def local_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Mean over groups of each group's relative error on its update, from the same input.
+
+    For group ``g`` with input ``x`` (the original model's state there), ``student[g]`` is the group's
+    output on ``x`` and ``teacher[g]`` the original layers' output on ``x``:
+    ``||s - t||^2 / ||t - x||^2``. Dividing by the update's own energy weighs every group alike,
+    whatever the scale of the residual stream at its depth (which grows several-fold through a model).
+    """
+    if not (len(student) == len(teacher) == len(inputs)) or not student:
+        raise ValueError(
+            f"need the same non-zero number of states, got {len(student)}, {len(teacher)} and {len(inputs)}"
+        )
+    total = 0.0
+    for s, t, x in zip(student, teacher, inputs, strict=True):
+        t = t.float()
+        update = (t - x.float()).pow(2).mean().clamp_min(torch.finfo(torch.float32).tiny)
+        total = total + F.mse_loss(s.float(), t) / update
     return total / len(student)
 
 

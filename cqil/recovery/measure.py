@@ -7,8 +7,38 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from cqil.errors import RecipeError
+
 if TYPE_CHECKING:
     from cqil.recovery.trainer import RecoveryTrainer
+
+
+def prepare_eval(trainer: RecoveryTrainer) -> None:
+    """The held-out sequences (``trainer.eval_tokens``, ``eval_sources``), and the lm-eval tasks checked
+    (an unknown one fails now, not after training)."""
+    from cqil.recovery.data import heldout_blocks
+
+    recipe, data = trainer.recipe, trainer.recipe.data
+    trainer.eval_tokens, trainer.eval_sources = heldout_blocks(
+        trainer.tokenizer,
+        data.train,
+        data.eval,
+        seq_len=recipe.train.seq_len,
+        num_sequences=recipe.eval.num_sequences,
+        heldout_fraction=data.eval_fraction,
+        source_field=data.source_field,
+        text_field=data.text_field,
+        hub_split=data.hub_split,
+    )
+    if recipe.eval.tasks:
+        from cqil.evaluation.metrics import UnknownTaskError, check_tasks, task_manager
+
+        try:
+            trainer.task_manager = task_manager(recipe.eval.task_paths)
+            check_tasks(recipe.eval.tasks, trainer.task_manager)
+        except (UnknownTaskError, FileNotFoundError) as e:
+            key = "eval.task_paths" if isinstance(e, FileNotFoundError) else "eval.tasks"
+            raise RecipeError(trainer.source, key, str(e)) from None
 
 
 def run_perplexity(trainer: RecoveryTrainer, model: nn.Module, label: str) -> dict:

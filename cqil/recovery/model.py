@@ -16,7 +16,7 @@ from torch import nn
 
 from cqil._compat import adapters_disabled, causal_masks, rotary_embeddings
 from cqil.recovery.lora import apply_lora
-from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss
+from cqil.recovery.losses import head_losses, hidden_loss, kd_loss, lm_loss, local_loss
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import trainable_parameters
 
@@ -33,6 +33,11 @@ class RecoveryModel(nn.Module):
     student's own, frozen, modules.
 
     ``forward`` returns ``"loss"`` (the weighted sum, the one to backpropagate) and each weighted term.
+    ``local`` weighs :func:`cqil.recovery.losses.local_loss`: every group run on the *original* model's
+    state at its input and matched to the original layers' output there, so that each group trains
+    on its own exact target, independently of the others. ``forward(..., local_only=True)`` computes
+    that term alone, which needs no pass of the student beyond its groups: the teacher's path up to the
+    last group (no gradient) and one forward and backward of each group.
     With a frozen plain LM head the KD and LM terms come from :func:`cqil.recovery.losses.head_losses`, which never
     holds the batch's logits; they are then values only, without a gradient of their own.
     """
@@ -47,6 +52,7 @@ class RecoveryModel(nn.Module):
         kd: float = 1.0,
         kd_temperature: float = 1.0,
         hidden: float = 0.0,
+        local: float = 0.0,
     ) -> None:
         super().__init__()
         plan = plan if plan is not None else recorded_plan(student)
@@ -57,11 +63,11 @@ class RecoveryModel(nn.Module):
                 f"leaves {plan.num_layers_after}"
             )
         self.student = student
-        self.weights = {"lm": float(lm), "kd": float(kd), "hidden": float(hidden)}
+        self.weights = {"lm": float(lm), "kd": float(kd), "hidden": float(hidden), "local": float(local)}
         self.kd_temperature = float(kd_temperature)
-        self.needs_teacher = kd > 0 or hidden > 0
+        self.needs_teacher = kd > 0 or hidden > 0 or local > 0
         if self.needs_teacher and not teacher_layers:
-            raise ValueError("kd / hidden losses need the teacher's copies of the grouped layers")
+            raise ValueError("kd / hidden / local losses need the teacher's copies of the grouped layers")
         missing = sorted({i for g in plan.groups for i in g} - set(teacher_layers or {}))
         if self.needs_teacher and missing:
             raise ValueError(f"the teacher has no copy of the grouped layers {missing}")
@@ -127,7 +133,9 @@ class RecoveryModel(nn.Module):
         )
 
     # -------------------------------------------------------------- forward
-    def forward(self, input_ids: torch.LongTensor, *, return_logits: bool = False) -> dict:
+    def forward(
+        self, input_ids: torch.LongTensor, *, return_logits: bool = False, local_only: bool = False
+    ) -> dict:
         inner = self.student.model
         layers = inner.layers
         embeds = inner.embed_tokens(input_ids)
@@ -142,11 +150,17 @@ class RecoveryModel(nn.Module):
         prefix_grad = torch.is_grad_enabled() and any(
             p.requires_grad for e in range(self.first_group) for p in layers[e].parameters()
         )
-        with torch.set_grad_enabled(prefix_grad):
+        with torch.set_grad_enabled(prefix_grad and not local_only):
             h = embeds
             for e in range(self.first_group):
                 h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
         shared = h
+        if local_only:
+            if not self.needs_teacher:
+                raise ValueError("the local loss needs the teacher's copies of the grouped layers")
+            _, targets, inputs = self.teacher_forward(embeds, shared, masks, ctx, until_last_group=True)
+            loss = self._local_term(inputs, targets, masks, ctx)
+            return {"local": loss.detach(), "loss": loss}
 
         student_states = []
         for e in range(self.first_group, len(self.effective)):
@@ -157,8 +171,9 @@ class RecoveryModel(nn.Module):
 
         teacher_h = None
         teacher_states: list[torch.Tensor] = []
+        teacher_inputs: list[torch.Tensor] = []
         if self.needs_teacher:
-            teacher_h, teacher_states = self.teacher_forward(embeds, shared, masks, ctx)
+            teacher_h, teacher_states, teacher_inputs = self.teacher_forward(embeds, shared, masks, ctx)
         out: dict[str, torch.Tensor] = {}
         w = self.weights
         logits = teacher_logits = None
@@ -193,6 +208,10 @@ class RecoveryModel(nn.Module):
         if w["hidden"]:
             out["hidden"] = hidden_loss(student_states, teacher_states)
             loss = loss + w["hidden"] * out["hidden"]
+        if w["local"]:
+            term = self._local_term(teacher_inputs, teacher_states, masks, ctx)
+            out["local"] = term.detach()
+            loss = loss + w["local"] * term
         out["loss"] = loss
         if return_logits:
             if teacher_logits is None and teacher_h is not None:
@@ -201,10 +220,21 @@ class RecoveryModel(nn.Module):
             out["logits"], out["teacher_logits"] = logits, teacher_logits
         return out
 
+    def _local_term(self, inputs, targets, masks, ctx) -> torch.Tensor:
+        """:func:`local_loss` of every group run on the original model's state at its input."""
+        layers = self.student.model.layers
+        positions = [e for e in range(len(self.effective)) if self.is_group[e]]
+        outputs = [
+            self._run(layers[e], x, masks[self._student_type(e)], ctx)
+            for e, x in zip(positions, inputs, strict=True)
+        ]
+        return local_loss(outputs, targets, inputs)
+
     @torch.no_grad()
-    def teacher_forward(self, embeds, shared, masks, ctx):
+    def teacher_forward(self, embeds, shared, masks, ctx, *, until_last_group: bool = False):
         """The original model's path from the shared prefix on: (final normed hidden states, states at
-        group outputs)."""
+        group outputs, states at group inputs). ``until_last_group`` stops after the last group (the
+        local loss needs nothing later) and returns ``None`` for the final states."""
         layers = self.student.model.layers
         with adapters_disabled(self.student):
             h = shared.detach()
@@ -212,15 +242,19 @@ class RecoveryModel(nn.Module):
                 h = embeds.detach()
                 for e in range(self.first_group):
                     h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
-            states = []
+            states, inputs = [], []
+            last = max(e for e in range(len(self.effective)) if self.is_group[e])
             for e in range(self.first_group, len(self.effective)):
+                if until_last_group and e > last:
+                    return None, states, inputs
                 if not self.is_group[e]:
                     h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
                     continue
+                inputs.append(h)
                 for i in self.effective[e]:
                     h = self._run(self.teacher_layers[str(i)], h, masks[self._teacher_type(i)], ctx)
                 states.append(h)
-            return self.student.model.norm(h), states
+            return self.student.model.norm(h), states, inputs
 
 
 def recorded_plan(model: nn.Module) -> GroupPlan:

@@ -171,6 +171,12 @@ class LossConfig:
     hidden: float = _f(
         0.0, "weight of the MSE between student and teacher states at each group's output", ge=0
     )
+    local: float = _f(
+        0.0,
+        "weight of the local loss: each group run on the original model's state at its input, against "
+        "the original layers' output there (relative squared error of the group's update)",
+        ge=0,
+    )
 
 
 @dataclass(kw_only=True)
@@ -190,6 +196,12 @@ class TrainConfig:
     """The optimisation loop."""
 
     max_steps: int = _f(100, "optimizer steps in the whole run", ge=1)
+    local_steps: int = _f(
+        0,
+        "the first N of max_steps train on the local loss alone (each group against its own exact "
+        "target, without a pass of the whole student); the rest on train.loss",
+        ge=0,
+    )
     seq_len: int = _f(512, "tokens per packed training sequence", ge=2)
     micro_batch_size: int = _f(1, "sequences per process per forward pass", ge=1)
     grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
@@ -208,6 +220,13 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep", ge=1)
     log_every_steps: int = _f(10, "one log line (and tracker point) every N optimizer steps", ge=1)
     seed: int = _f(0, "seed of initialisation-free randomness: data mixture, dropout", ge=0)
+    cpu_threads: int | None = _f(
+        None,
+        "torch threads per process when training on CPU; null: every core this process may use, shared "
+        "among the node's processes, unless OMP_NUM_THREADS is set above 1 (accelerate launch sets it "
+        "to 1 by default, which would leave all but one core idle; give 1 here to keep that)",
+        ge=1,
+    )
     trackers: list[Literal["tensorboard", "wandb"]] = _f(
         ["tensorboard"], "metric sinks via accelerate; [] for none"
     )
@@ -305,8 +324,13 @@ class Recipe:
                 raise RecipeError(source, "parallelize.groups", str(e)) from None
         self.parallelize.check(source)
         loss = self.train.loss
-        if loss.lm == loss.kd == loss.hidden == 0:
+        if (
+            loss.lm == loss.kd == loss.hidden == loss.local == 0
+            and self.train.local_steps < self.train.max_steps
+        ):
             raise RecipeError(source, "train.loss", "every loss weight is 0; nothing would train")
+        if self.train.local_steps > self.train.max_steps:
+            raise RecipeError(source, "train.local_steps", f"{self.train.local_steps} > train.max_steps")
         if self.train.warmup_steps > self.train.max_steps:
             raise RecipeError(source, "train.warmup_steps", f"{self.train.warmup_steps} > train.max_steps")
         if len(self.train.adam_betas) != 2 or not all(0 <= b < 1 for b in self.train.adam_betas):
@@ -316,6 +340,15 @@ class Recipe:
         if loss.hidden and self.train.lora is not None and self.train.lora.target == "all":
             raise RecipeError(
                 source, "train.loss.hidden", "hidden-state loss is not defined with lora.target=all"
+            )
+        if (
+            (loss.local or self.train.local_steps)
+            and self.train.lora is not None
+            and self.train.lora.target == "all"
+        ):
+            key = "train.loss.local" if loss.local else "train.local_steps"
+            raise RecipeError(
+                source, key, "the local loss trains the groups alone; it is not defined with lora.target=all"
             )
         if self.data.mixture is not None:
             for name, w in self.data.mixture.items():

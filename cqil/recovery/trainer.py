@@ -37,14 +37,14 @@ from cqil.errors import RecipeError
 from cqil.recovery import checkpoint, preflight
 from cqil.recovery.auto_plan import search_run_plan
 from cqil.recovery.checkpoint import NonFiniteWeightsError, Preempted, list_checkpoints, state_digest
-from cqil.recovery.data import heldout_blocks
 from cqil.recovery.finish import finish_run, write_run_report
-from cqil.recovery.measure import run_lm_eval, run_perplexity
+from cqil.recovery.measure import prepare_eval, run_lm_eval, run_perplexity
 from cqil.recovery.model import RecoveryModel, select_trainable
 from cqil.recovery.optim import configure_deepspeed, lr_lambda, make_optimizer
 from cqil.recovery.progress import flatten, step_line
 from cqil.recovery.recipe import Recipe, dump_recipe, recipe_to_dict
 from cqil.recovery.stream import TokenStream
+from cqil.recovery.threads import training_threads
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import parallelize
 
@@ -118,7 +118,13 @@ class RecoveryTrainer:
             kwargs_handlers=handlers,
         )
         set_seed(train.seed)
-        self.log(f"cqil: {acc.num_processes} process(es), {acc.distributed_type}, output {self.output_dir}")
+        threads = ""
+        if acc.device.type == "cpu":
+            torch.set_num_threads(training_threads(train.cpu_threads))
+            threads = f", {torch.get_num_threads()} CPU thread(s) each"
+        self.log(
+            f"cqil: {acc.num_processes} process(es){threads}, {acc.distributed_type}, output {self.output_dir}"
+        )
 
     def _setup_checks(self) -> None:
         """Bad input fails here, in one line (:func:`cqil.recovery.preflight.check_run`)."""
@@ -147,28 +153,8 @@ class RecoveryTrainer:
             )
 
     def _setup_eval(self) -> None:
-        """The held-out sequences, and the lm-eval tasks checked (an unknown one fails now, not after training)."""
-        recipe, data = self.recipe, self.recipe.data
-        self.eval_tokens, self.eval_sources = heldout_blocks(
-            self.tokenizer,
-            data.train,
-            data.eval,
-            seq_len=recipe.train.seq_len,
-            num_sequences=recipe.eval.num_sequences,
-            heldout_fraction=data.eval_fraction,
-            source_field=data.source_field,
-            text_field=data.text_field,
-            hub_split=data.hub_split,
-        )
-        if recipe.eval.tasks:
-            from cqil.evaluation.metrics import UnknownTaskError, check_tasks, task_manager
-
-            try:
-                self.task_manager = task_manager(recipe.eval.task_paths)
-                check_tasks(recipe.eval.tasks, self.task_manager)
-            except (UnknownTaskError, FileNotFoundError) as e:
-                key = "eval.task_paths" if isinstance(e, FileNotFoundError) else "eval.tasks"
-                raise RecipeError(self.source, key, str(e)) from None
+        """The held-out sequences, and the lm-eval tasks checked (:func:`cqil.recovery.measure.prepare_eval`)."""
+        prepare_eval(self)
 
     def _evaluate_before(self, model: nn.Module, stage: str) -> None:
         """Perplexity (and lm-eval) of the original or the transformed model, on a run's first attempt."""
@@ -196,13 +182,13 @@ class RecoveryTrainer:
             from cqil.rewrite.coalescing import coalesce
 
             student = coalesce(model, self.plan)
-            if loss.kd or loss.hidden:
+            if self.needs_teacher:
                 # coalesce copies every weight it keeps and leaves `model` as it was: the original
                 # layers themselves are the teacher's copy; the rest of `model` is dropped here.
                 teacher = {i: model.model.layers[i] for g in self.plan.groups for i in g}
             model = student
         else:
-            if loss.kd or loss.hidden:
+            if self.needs_teacher:
                 teacher = {i: copy.deepcopy(model.model.layers[i]) for g in self.plan.groups for i in g}
             parallelize(
                 model,
@@ -226,6 +212,7 @@ class RecoveryTrainer:
             kd=loss.kd,
             kd_temperature=loss.kd_temperature,
             hidden=loss.hidden,
+            local=loss.local,
         )
         self.model.adapters_outside_groups = train.lora is not None and train.lora.target == "all"
         self.model.train()
@@ -296,6 +283,12 @@ class RecoveryTrainer:
                 plugin.set_deepspeed_weakref()
 
     @property
+    def needs_teacher(self) -> bool:
+        """Whether any loss of the run reads the original model (every one but plain LM)."""
+        loss = self.recipe.train.loss
+        return bool(loss.kd or loss.hidden or loss.local or self.recipe.train.local_steps)
+
+    @property
     def before_label(self) -> str:
         """What the "parallelized" (before training) entry of the results measured."""
         return "coalesced" if self.recipe.parallelize.mode == "coalesce" else "parallelized"
@@ -330,12 +323,13 @@ class RecoveryTrainer:
             # Closed by cleanup(), whichever way the loop ends; flushed after every line.
             metrics = self._metrics = open(self.output_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         while self.step < train.max_steps:
             step_losses: dict[str, torch.Tensor] = {}
             for _ in range(train.grad_accum_steps):
                 batch = self.stream.next_batch(train.micro_batch_size).to(device)
                 with acc.accumulate(self.engine):
-                    out = self.engine(batch)
+                    out = self.engine(batch, local_only=self.step < train.local_steps)
                     acc.backward(out["loss"])
                     if acc.sync_gradients and train.max_grad_norm > 0 and not self.is_deepspeed:
                         acc.clip_grad_norm_(list(self.trainable.values()), train.max_grad_norm)
@@ -353,8 +347,9 @@ class RecoveryTrainer:
             values = dict(zip(names, reduced.tolist(), strict=True))
             if not all(math.isfinite(v) for v in values.values()):
                 raise NonFiniteLossError(self.step, values, (list_checkpoints(self.output_dir) or [None])[-1])
-            for k, v in values.items():
+            for k, v in values.items():  # a key may be missing from part of a window (local_steps)
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             if metrics is not None:  # every step, for the report's loss curves
                 lr = self.scheduler.get_last_lr()[0]
                 metrics.write(
@@ -366,13 +361,8 @@ class RecoveryTrainer:
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
 
             if self.step % train.log_every_steps == 0 or self.step == train.max_steps:
-                n = (
-                    train.log_every_steps
-                    if self.step % train.log_every_steps == 0
-                    else self.step % train.log_every_steps
-                )
-                means = {k: s / n for k, s in sums.items()}
-                sums = {}
+                means = {k: s / counts[k] for k, s in sums.items()}
+                sums, counts = {}, {}
                 now = time.time()
                 tok_s = window_tokens / max(now - window_time, 1e-9)
                 window_time, window_tokens = now, 0
