@@ -447,3 +447,32 @@ def test_auto_groups_budget_error_names_the_budget(tiny_model_dir, tmp_path):
         run(tiny_recipe(tiny_model_dir, tmp_path / "bad", auto))
     assert caught.value.path == "parallelize.search.target_depth"
     assert not (tmp_path / "bad" / "plan" / "plans.json").exists()
+
+
+def test_local_steps_train_the_groups_alone_then_the_recipes_loss(tiny_model_dir, tmp_path):
+    """The first train.local_steps steps log the local loss alone, the rest the recipe's losses; a run
+    interrupted inside the local phase resumes to the same weights."""
+    train = {"max_steps": 6, "local_steps": 4, "loss": {"kd": 1.0, "lm": 0.5, "local": 0.0}}
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(tiny_recipe(tiny_model_dir, full, **train)) == 0
+    steps = [json.loads(line) for line in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(set(s) - {"step", "lr", "tokens"}) for s in steps] == [["local", "loss"]] * 4 + [
+        ["kd", "lm", "loss"]
+    ] * 2
+    assert all(s["loss"] == s["local"] > 0 for s in steps[:4])
+
+    trainer = RecoveryTrainer(tiny_recipe(tiny_model_dir, part, **train))
+    trainer.setup()
+    original_save = trainer.save_checkpoint
+
+    def save_then_die():
+        original_save()
+        raise KeyboardInterrupt
+
+    trainer.save_checkpoint = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.cleanup()
+    assert run(tiny_recipe(tiny_model_dir, part, **train)) == 0
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (full, part))
+    assert a["trainable_digest"] == b["trainable_digest"]
