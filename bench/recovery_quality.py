@@ -1,0 +1,240 @@
+"""Recovery quality per token and per second: the default recipe against the simpler ones.
+
+For each recipe (``--recipes``; by default the embedded default ``recipes/smollm2_135m.yaml`` and the
+two baselines ``recipes/lp_style.yaml`` and ``recipes/cqil_style.yaml``) and each multiple of the
+default's tokens (``--scales``, by default 1/4, 1/2, 1, 2 and 4), one whole recovery run trains on
+that many tokens (``train.max_steps`` and every step count of the recipe scaled alike, so the
+schedule keeps its shape), and prints one JSON line:
+
+* the held-out perplexity of the original, the rewritten (before training) and the recovered model,
+  on the sample's held-out split (``--heldout-sequences`` blocks of the recipe's ``seq_len``, drawn
+  equally from its three sources), and the fraction of the gap closed, overall and per source;
+* the same on **text from a domain the training data does not contain**
+  (``data/other_domain/package_docs.jsonl.gz``, technical documentation; never trained or tuned on);
+* the tokens trained, the wall time of the training loop and its threads.
+
+Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
+latency, the report, checkpoints) switched off; everything else is the recipe's. A recipe whose
+rewrite costs less (``cqil_style``'s bypass ``none``) starts from a smaller gap, so the recovered
+perplexity itself is printed beside the fraction. Runs one after another; the whole default grid
+takes about an hour on 2 cores. ``--out`` appends the JSON lines to a file as they come.
+
+    python bench/recovery_quality.py                          # the whole grid
+    python bench/recovery_quality.py --scales 1 --recipes recipes/smollm2_135m.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ["recipes/smollm2_135m.yaml", "recipes/lp_style.yaml", "recipes/cqil_style.yaml"]
+OTHER_DOMAIN = ROOT / "data" / "other_domain" / "package_docs.jsonl.gz"
+# Step counts that scale with a run's length (warmup, the local phase); checkpoints are off.
+SCALED_KEYS = ("warmup_steps", "local_steps")
+
+
+def gap(original: float, before: float, after: float) -> float | None:
+    return None if before <= original else (before - after) / (before - original)
+
+
+def scaled_overrides(recipe, scale: float, reference_steps: int) -> list[str]:
+    """Overrides that train ``scale`` x the reference recipe's tokens with ``recipe``'s own schedule."""
+    train = recipe.train
+    steps = max(1, round(reference_steps * scale))
+    ratio = steps / train.max_steps
+    out = [f"train.max_steps={steps}"]
+    for key in SCALED_KEYS:
+        value = getattr(train, key)
+        if value:
+            out.append(f"train.{key}={min(steps, max(1, round(value * ratio)))}")
+    return out
+
+
+def child(args) -> None:
+    """One recovery run in this process; prints its JSON line."""
+    import torch
+
+    from cqil.evaluation.metrics import perplexity
+    from cqil.recovery.data import heldout_blocks
+    from cqil.recovery.recipe import load_recipe
+    from cqil.recovery.trainer import RecoveryTrainer
+
+    overrides = [
+        *args.set,
+        "eval.tasks=[]",
+        "eval.latency=false",
+        "eval.report=false",
+        "train.trackers=[]",
+        "train.save_every_steps=0",
+        f"eval.num_sequences={args.heldout_sequences}",
+        f"output_dir={args.output_dir}",
+    ]
+    recipe = load_recipe(ROOT / args.recipe, overrides)
+    trainer = RecoveryTrainer(recipe, source=args.recipe)
+    try:
+        trainer.setup()
+        ood, _ = heldout_blocks(
+            trainer.tokenizer,
+            [],
+            [OTHER_DOMAIN],
+            seq_len=recipe.train.seq_len,
+            num_sequences=args.other_sequences,
+            heldout_fraction=0.5,
+        )
+        student = trainer.model.student
+        # The rewritten model before any step, on the other domain (the held-out split's is in results).
+        with torch.no_grad():
+            before_ood = perplexity(student, ood, batch_size=8, progress=False)["ppl"]
+        start = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - start
+        results = trainer.finish(lambda *a, **k: None)
+        student.eval()
+        with torch.no_grad():
+            after_ood = perplexity(student, ood, batch_size=8, progress=False)["ppl"]
+    finally:
+        trainer.cleanup()
+    ppl = {k: results[k]["ppl"] for k in ("original", "parallelized", "recovered")}
+    by_source = {
+        s: gap(*(results[k]["by_source"][s]["ppl"] for k in ("original", "parallelized", "recovered")))
+        for s in results["recovered"]["by_source"]
+    }
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "before_other_domain": before_ood,
+                "after_other_domain": after_ood,
+                "ppl": ppl,
+                "gap_closed_by_source": by_source,
+                "train_s": round(train_s, 1),
+                "threads": torch.get_num_threads(),
+                "tokens": results.get("tokens_seen"),
+                "heldout_tokens": results["recovered"]["tokens"],
+                "other_domain_tokens": int(ood.numel()),
+            }
+        ),
+        flush=True,
+    )
+
+
+def original_other_domain(args) -> float:
+    """Perplexity of the untouched model on the other-domain text (the same for every recipe)."""
+    import torch
+
+    from cqil.evaluation.metrics import perplexity
+    from cqil.pretrained import load_model
+    from cqil.recovery.data import heldout_blocks
+    from cqil.recovery.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / RECIPES[0])
+    model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
+    ood, _ = heldout_blocks(
+        tokenizer, [], [OTHER_DOMAIN], seq_len=recipe.train.seq_len, num_sequences=args.other_sequences,
+        heldout_fraction=0.5,
+    )  # fmt: skip
+    with torch.no_grad():
+        return perplexity(model, ood, batch_size=8, progress=False)["ppl"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1, 2, 4])
+    parser.add_argument("--heldout-sequences", type=int, default=48)
+    parser.add_argument("--other-sequences", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=None, help="train.cpu_threads of every run")
+    parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    # One run (internal): the child process.
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+
+    from cqil.recovery.recipe import load_recipe
+
+    reference = load_recipe(ROOT / RECIPES[0])
+    reference_steps, tokens_per_step = (
+        reference.train.max_steps,
+        reference.train.seq_len * (reference.train.micro_batch_size * reference.train.grad_accum_steps),
+    )
+    original_ood = original_other_domain(args)
+    for path in args.recipes:
+        recipe = load_recipe(ROOT / path)
+        per_step = recipe.train.seq_len * recipe.train.micro_batch_size * recipe.train.grad_accum_steps
+        if per_step != tokens_per_step:
+            raise SystemExit(f"{path}: {per_step} tokens per step, the default recipe {tokens_per_step}")
+        for scale in args.scales:
+            sets = scaled_overrides(recipe, scale, reference_steps)
+            if args.threads is not None:
+                sets.append(f"train.cpu_threads={args.threads}")
+            with tempfile.TemporaryDirectory(prefix="cqil-quality-") as tmp:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--recipe",
+                    path,
+                    "--output-dir",
+                    str(Path(tmp) / "run"),
+                ]
+                cmd += ["--heldout-sequences", str(args.heldout_sequences)]
+                cmd += ["--other-sequences", str(args.other_sequences)]
+                for s in sets:
+                    cmd += ["--set", s]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"{path} at {scale}x failed (exit {proc.returncode})")
+            r = json.loads(lines[-1][len("RESULT ") :])
+            ppl = r["ppl"]
+            row = {
+                "recipe": Path(path).stem,
+                "scale": scale,
+                "tokens": r["tokens"],
+                "train_s": r["train_s"],
+                "threads": r["threads"],
+                "heldout": {
+                    "original": round(ppl["original"], 3),
+                    "rewritten": round(ppl["parallelized"], 3),
+                    "recovered": round(ppl["recovered"], 3),
+                    "gap_closed": round(gap(ppl["original"], ppl["parallelized"], ppl["recovered"]), 4),
+                    "gap_closed_by_source": {
+                        k: None if v is None else round(v, 4) for k, v in r["gap_closed_by_source"].items()
+                    },
+                    "tokens": r["heldout_tokens"],
+                },
+                "other_domain": {
+                    "original": round(original_ood, 3),
+                    "rewritten": round(r["before_other_domain"], 3),
+                    "recovered": round(r["after_other_domain"], 3),
+                    "gap_closed": round(
+                        gap(original_ood, r["before_other_domain"], r["after_other_domain"]), 4
+                    ),
+                    "tokens": r["other_domain_tokens"],
+                },
+            }
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out is not None:
+                with open(args.out, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+            assert math.isfinite(ppl["recovered"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
