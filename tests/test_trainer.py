@@ -243,11 +243,8 @@ def test_an_unknown_lm_eval_task_fails_before_training(tiny_model_dir, tmp_path)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model").exists()
 
 
-def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run(tiny_recipe(tiny_model_dir, full)) == 0
-    # An interrupted run: the same recipe, stopped right after the checkpoint at step 3.
-    recipe = tiny_recipe(tiny_model_dir, part)
+def stop_after_first_checkpoint(recipe) -> None:
+    """Train ``recipe`` until its first checkpoint is written, then stop as a killed run would."""
     trainer = RecoveryTrainer(recipe)
     trainer.setup()
     original_save = trainer.save_checkpoint
@@ -260,6 +257,13 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     trainer.cleanup()
+
+
+def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(tiny_recipe(tiny_model_dir, full)) == 0
+    # An interrupted run: the same recipe, stopped right after the checkpoint at step 3.
+    stop_after_first_checkpoint(tiny_recipe(tiny_model_dir, part))
     assert [p.name for p in list_checkpoints(part)] == ["step-000003"]
     assert run(tiny_recipe(tiny_model_dir, part)) == 0
     a = json.loads((full / "eval.json").read_text())
@@ -461,18 +465,7 @@ def test_local_steps_train_the_groups_alone_then_the_recipes_loss(tiny_model_dir
     ] * 2
     assert all(s["loss"] == s["local"] > 0 for s in steps[:4])
 
-    trainer = RecoveryTrainer(tiny_recipe(tiny_model_dir, part, **train))
-    trainer.setup()
-    original_save = trainer.save_checkpoint
-
-    def save_then_die():
-        original_save()
-        raise KeyboardInterrupt
-
-    trainer.save_checkpoint = save_then_die
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-    trainer.cleanup()
+    stop_after_first_checkpoint(tiny_recipe(tiny_model_dir, part, **train))
     assert run(tiny_recipe(tiny_model_dir, part, **train)) == 0
     a, b = (json.loads((d / "eval.json").read_text()) for d in (full, part))
     assert a["trainable_digest"] == b["trainable_digest"]

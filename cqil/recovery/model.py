@@ -79,7 +79,8 @@ class RecoveryModel(nn.Module):
         if not positions:
             raise ValueError(f"the plan {plan} has no group")
         self.is_group = [e in positions for e in range(len(self.effective))]
-        self.first_group = self.is_group.index(True)
+        self.group_positions = sorted(positions)
+        self.first_group, self.last_group = self.group_positions[0], self.group_positions[-1]
         config = student.config
         self._student_types = list(getattr(config, "layer_types", None) or [])
         # Both transforms refuse groups that mix attention types, so an original layer has its
@@ -223,10 +224,9 @@ class RecoveryModel(nn.Module):
     def _local_term(self, inputs, targets, masks, ctx) -> torch.Tensor:
         """:func:`local_loss` of every group run on the original model's state at its input."""
         layers = self.student.model.layers
-        positions = [e for e in range(len(self.effective)) if self.is_group[e]]
         outputs = [
             self._run(layers[e], x, masks[self._student_type(e)], ctx)
-            for e, x in zip(positions, inputs, strict=True)
+            for e, x in zip(self.group_positions, inputs, strict=True)
         ]
         return local_loss(outputs, targets, inputs)
 
@@ -243,9 +243,8 @@ class RecoveryModel(nn.Module):
                 for e in range(self.first_group):
                     h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
             states, inputs = [], []
-            last = max(e for e in range(len(self.effective)) if self.is_group[e])
             for e in range(self.first_group, len(self.effective)):
-                if until_last_group and e > last:
+                if until_last_group and e > self.last_group:
                     return None, states, inputs
                 if not self.is_group[e]:
                     h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
