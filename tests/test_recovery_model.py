@@ -121,6 +121,12 @@ def test_local_step_runs_each_group_on_the_original_models_state(arch, input_ids
     assert all(p.grad is None for p in rm.parameters())
     assert all(g.abs().max() > 0 for g in got_grads.values())  # every group and gate learns
 
+    # A local phase before a loss that reads no teacher (plain LM) is the same step.
+    lm_only = RecoveryModel(student, layers, kd=0.0, lm=1.0).train()
+    torch.testing.assert_close(lm_only(input_ids, local_only=True)["loss"], expected.detach())
+    with pytest.raises(ValueError, match="teacher's copies"):
+        RecoveryModel(student, None, kd=0.0, lm=1.0)(input_ids, local_only=True)
+
     mixed = rm(input_ids)
     torch.testing.assert_close(mixed["local"], expected.detach())
     torch.testing.assert_close(mixed["loss"], mixed["kd"] + 0.5 * mixed["local"])

@@ -71,6 +71,8 @@ class RecoveryModel(nn.Module):
         missing = sorted({i for g in plan.groups for i in g} - set(teacher_layers or {}))
         if self.needs_teacher and missing:
             raise ValueError(f"the teacher has no copy of the grouped layers {missing}")
+        # A local phase (train.local_steps) may precede a loss that reads no teacher, such as plain LM.
+        self.has_teacher = bool(teacher_layers) and not missing
         self.teacher_layers = nn.ModuleDict({str(i): layer for i, layer in (teacher_layers or {}).items()})
         for p in self.teacher_layers.parameters():
             p.requires_grad_(False)
@@ -157,7 +159,7 @@ class RecoveryModel(nn.Module):
                 h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
         shared = h
         if local_only:
-            if not self.needs_teacher:
+            if not self.has_teacher:
                 raise ValueError("the local loss needs the teacher's copies of the grouped layers")
             _, targets, inputs = self.teacher_forward(embeds, shared, masks, ctx, until_last_group=True)
             loss = self._local_term(inputs, targets, masks, ctx)
