@@ -1,8 +1,10 @@
 """Two CPU processes under `accelerate launch`: DDP, DeepSpeed ZeRO-2 and ZeRO-3 on a tiny random Llama.
 
 Each run trains a few steps and must lower the loss and leave every non-trainable weight bit-identical
-(the trainer checks a digest of them and records it). Under DDP and ZeRO-2 a run is SIGKILLed after
-its first checkpoint and resumed; its final trainable weights must equal an uninterrupted run's.
+(the trainer checks a digest of them and records it). Under DDP, ZeRO-2 and ZeRO-3 a run is SIGKILLed
+after its first checkpoint and resumed; its final trainable weights must equal an uninterrupted run's.
+ZeRO-3 loads the model partitioned (cqil.recovery.sharded): its surgery and teacher copy must equal the
+whole-model path's bit for bit (tests/zero3_equivalence.py, under torchrun).
 The first DeepSpeed run compiles DeepSpeed's CPU communication op (about a minute, cached).
 """
 
@@ -130,7 +132,7 @@ def kill_after_first_checkpoint(setup: Path, kind: str, out: Path) -> None:
     assert not (out / "eval.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["ddp", "zero2"])
+@pytest.mark.parametrize("kind", ["ddp", "zero2", "zero3"])
 def test_sigkill_and_resume_is_bit_identical(setup, kind, tmp_path):
     full = tmp_path / "full"
     result = check_run(full, launch(setup, kind, full).stderr)
@@ -147,8 +149,32 @@ def test_sigkill_and_resume_is_bit_identical(setup, kind, tmp_path):
 
 def test_zero3_trains_and_keeps_frozen_weights(setup, tmp_path):
     out = tmp_path / "z3"
-    result = check_run(out, launch(setup, "zero3", out).stderr)
+    stderr = launch(setup, "zero3", out).stderr
+    result = check_run(out, stderr)
+    assert "loading the model partitioned over 2 ranks" in stderr
     ddp_out = tmp_path / "ddp"
     reference = check_run(ddp_out, launch(setup, "ddp", ddp_out).stderr)
     # The trainer itself raises if the frozen weights changed; they must also equal DDP's.
     assert result["frozen_digest"] == reference["frozen_digest"]
+    # The original and the parallelized model, measured through the engine from partitions, are DDP's.
+    for key in ("original", "parallelized"):
+        assert result[key]["ppl"] == reference[key]["ppl"], key
+    assert result["recovered"]["ppl"] == pytest.approx(reference["recovered"]["ppl"], rel=1e-4)
+
+
+def test_zero3_partitioned_surgery_equals_the_whole_model_path(setup):
+    """Teacher copy, parallelized student and its logits from partitions, against the whole model."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "tests/zero3_equivalence.py"), str(setup / "model"), "2-6:2",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    report = json.loads(line[len("RESULT ") :])
+    assert report["world"] == 2
+    assert report["whole_on_rank"] == 0  # no rank holds any weight whole after loading
+    assert report["share"] <= 0.5  # each rank holds half of every large weight
+    assert report["teacher_equal"] and report["keys_equal"] and report["weights_equal"], report
+    assert report["logits_max_diff"] == 0.0

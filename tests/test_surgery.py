@@ -259,6 +259,23 @@ def test_surgery_replaced_exactly_the_grouped_layers(arch, form, cls):
         assert len(par.config.layer_types) == 5
 
 
+@pytest.mark.parametrize("form", ["merged", "branches"])
+def test_materialize_builds_each_group_from_its_originals(form, input_ids):
+    """The hook ZeRO-3 uses: called once per group, with that group's original layers, in order."""
+    model, reference = make_model("llama"), make_model("llama")
+    originals = list(model.model.layers)
+    calls = []
+
+    def materialize(layers, build):
+        calls.append([originals.index(layer) for layer in layers])
+        return build()
+
+    cqil.parallelize(model, PLAN, form=form, materialize=materialize)
+    cqil.parallelize(reference, PLAN, form=form)
+    assert calls == PLAN
+    assert torch.equal(model(input_ids).logits, reference(input_ids).logits)
+
+
 def test_trainable_parameters_are_exactly_the_groups(arch):
     model = make_model(arch)
     par = parallel(model, gates="learned")

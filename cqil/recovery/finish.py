@@ -21,6 +21,7 @@ from torch import nn
 from cqil._compat import zero3_init_disabled
 from cqil.errors import CqilError, OutputDirError, StorageError
 from cqil.files import staged_folder, write_atomic
+from cqil.recovery import sharded
 from cqil.recovery.checkpoint import Preempted, check_weights, state_digest
 from cqil.recovery.lora import merge_lora
 from cqil.recovery.measure import run_lm_eval, run_perplexity
@@ -39,7 +40,7 @@ def export_recovered(trainer: RecoveryTrainer, trainable: dict[str, torch.Tensor
     """
     from cqil.export.write import export_model
 
-    student = trainer.model.student
+    student = trainer.model.student if trainer.export_student is None else trainer.export_student
     if trainer.recipe.train.lora is not None:
         merge_lora(student)  # the end of the run: the student is not trained any further
     if trainer.recipe.parallelize.mode == "coalesce":
@@ -214,11 +215,11 @@ def load_exported(trainer: RecoveryTrainer, folder: Path) -> nn.Module:
 def run_latency(trainer: RecoveryTrainer, recovered: nn.Module) -> dict:
     """Prefill and decode speed of the original (reloaded) and the recovered model, side by side."""
     from cqil.evaluation.metrics import measure_latency
+    from cqil.pretrained import load_model
 
-    settings = trainer.recipe.eval
-
-    with zero3_init_disabled():
-        original, _ = trainer._load_model()
+    settings, m = trainer.recipe.eval, trainer.recipe.model
+    with zero3_init_disabled():  # the main process alone, after the other ranks are done
+        original, _ = load_model(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation)
     original.to(trainer.accelerator.device)
     latency = measure_latency(
         {"original": original, "recovered": recovered},
@@ -243,14 +244,21 @@ def finish_run(trainer: RecoveryTrainer, export_fn: Callable | None = None) -> d
     check_weights(trainer)  # never export what no checkpoint would have been written of
     # Under ZeRO-3 every rank enters the gathered contexts; only the main process writes. The
     # evaluation runs outside them: ZeRO-3's forward hooks release what a forward gathered.
-    with trainer._gathered():
-        after = state_digest(trainer._frozen_state())
-        trainable = trainer._trainable_state()
+    with sharded.whole_model(trainer):
+        after = trainer._digest_frozen()
+        main = acc.is_main_process
+        trainable = (
+            sharded.gathered_state(trainer.trainable, main=main)
+            if trainer.sharded
+            else trainer._trainable_state()
+        )
     if after != trainer.frozen_digest:
         raise RuntimeError("frozen weights changed during training (they must stay bit-identical)")
     trainer.results["recovered"] = run_perplexity(trainer, trainer.model.student, "recovered")
     _stop_if_signalled(trainer, "the final evaluation")
-    with trainer._gathered():
+    if trainer.sharded:  # the export reads a whole copy, gathered into the main process's memory
+        trainer.export_student = sharded.main_process_copy(trainer.model.student, main=main)
+    with sharded.whole_model(trainer):
         trainer.results |= {
             "steps": trainer.step,
             "tokens_seen": trainer.tokens_seen,

@@ -141,23 +141,13 @@ class RecoveryModel(nn.Module):
     ) -> dict:
         inner = self.student.model
         layers = inner.layers
-        embeds = inner.embed_tokens(input_ids)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        masks = self._masks(embeds, position_ids)
-        ctx = {
-            "position_embeddings": rotary_embeddings(inner, embeds, position_ids),
-            "position_ids": position_ids,
-        }
-
+        embeds, masks, ctx = self._inputs(input_ids)
         # The layers before the first group are the same for student and teacher: run them once.
         prefix_grad = torch.is_grad_enabled() and any(
             p.requires_grad for e in range(self.first_group) for p in layers[e].parameters()
         )
         with torch.set_grad_enabled(prefix_grad and not local_only):
-            h = embeds
-            for e in range(self.first_group):
-                h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
-        shared = h
+            shared = h = self._prefix(embeds, masks, ctx)
         if local_only:
             if not self.has_teacher:
                 raise ValueError("the local loss needs the teacher's copies of the grouped layers")
@@ -223,6 +213,31 @@ class RecoveryModel(nn.Module):
             out["logits"], out["teacher_logits"] = logits, teacher_logits
         return out
 
+    @torch.no_grad()
+    def original_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """The original model's logits (the shared prefix, then the teacher's path), for evaluation."""
+        embeds, masks, ctx = self._inputs(input_ids)
+        h, _, _ = self.teacher_forward(embeds, self._prefix(embeds, masks, ctx), masks, ctx)
+        return self.student.lm_head(h)
+
+    def _inputs(self, input_ids: torch.LongTensor):
+        """The embeddings, attention masks by layer type and rotary context of a batch."""
+        inner = self.student.model
+        embeds = inner.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        ctx = {
+            "position_embeddings": rotary_embeddings(inner, embeds, position_ids),
+            "position_ids": position_ids,
+        }
+        return embeds, self._masks(embeds, position_ids), ctx
+
+    def _prefix(self, h: torch.Tensor, masks, ctx) -> torch.Tensor:
+        """The layers before the first group."""
+        layers = self.student.model.layers
+        for e in range(self.first_group):
+            h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
+        return h
+
     def _local_term(self, inputs, targets, masks, ctx) -> torch.Tensor:
         """:func:`local_loss` of every group run on the original model's state at its input."""
         layers = self.student.model.layers
@@ -241,9 +256,7 @@ class RecoveryModel(nn.Module):
         with adapters_disabled(self.student):
             h = shared.detach()
             if self.adapters_outside_groups:  # the prefix carries adapters: the teacher runs its own
-                h = embeds.detach()
-                for e in range(self.first_group):
-                    h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
+                h = self._prefix(embeds.detach(), masks, ctx)
             states, inputs = [], []
             for e in range(self.first_group, len(self.effective)):
                 if until_last_group and e > self.last_group:

@@ -64,3 +64,7 @@ def configure_deepspeed(trainer: RecoveryTrainer) -> None:
     )
     cfg["gradient_clipping"] = train.max_grad_norm
     cfg.setdefault("steps_per_print", 10**9)
+    if plugin.zero_stage == 3:
+        from cqil.recovery.sharded import register_external_weights
+
+        register_external_weights(trainer.model.student)

@@ -18,8 +18,8 @@ perplexity is stored under the key ``"parallelized"`` (the "before training" slo
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -34,7 +34,7 @@ from torch import nn
 
 from cqil._compat import unset_zero3_init
 from cqil.errors import RecipeError
-from cqil.recovery import checkpoint, preflight
+from cqil.recovery import checkpoint, preflight, sharded
 from cqil.recovery.auto_plan import search_run_plan
 from cqil.recovery.checkpoint import NonFiniteWeightsError, Preempted, list_checkpoints, state_digest
 from cqil.recovery.finish import finish_run, write_run_report
@@ -79,6 +79,8 @@ class RecoveryTrainer:
         self.resume_changes: dict = {}  # train.resume=reset_optimizer: dotted key -> [old, new]
         self.start_max_abs = 0.0
         self.trackers: list[str] = []
+        self.sharded = False  # ZeRO-3 with partitioned loading (cqil.recovery.sharded)
+        self.export_student: nn.Module | None = None  # sharded: the main process's whole copy
 
     # -------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -95,6 +97,8 @@ class RecoveryTrainer:
         self._evaluate_before(model, "original")
         model = self._setup_teacher_and_student(model)
         self._setup_optimizer()
+        if self.sharded and not self.resuming:  # deferred: only the engine runs partitioned weights
+            sharded.evaluate_before(self)
         self._setup_data()
         self._setup_output_dir()
         if self.resume_from is not None:
@@ -159,7 +163,7 @@ class RecoveryTrainer:
     def _evaluate_before(self, model: nn.Module, stage: str) -> None:
         """Perplexity (and lm-eval) of the original or the transformed model, on a run's first attempt."""
         settings = self.recipe.eval
-        if not settings.before or self.resuming:
+        if not settings.before or self.resuming or self.sharded:
             return
         # One key for "before training" in both modes, so their reports line up.
         self.results[stage] = run_perplexity(
@@ -188,9 +192,14 @@ class RecoveryTrainer:
                 teacher = {i: model.model.layers[i] for g in self.plan.groups for i in g}
             model = student
         else:
-            if self.needs_teacher:
+            surgery = parallelize
+            if self.sharded:  # one layer or group of whole weights at a time
+                config = sharded.ds_config(self)
+                surgery = functools.partial(sharded.parallelize_partitioned, config=config)
+                teacher = sharded.teacher_copies(model, self.plan, config) if self.needs_teacher else None
+            elif self.needs_teacher:
                 teacher = {i: copy.deepcopy(model.model.layers[i]) for g in self.plan.groups for i in g}
-            parallelize(
+            surgery(
                 model,
                 self.plan,
                 bypass=par.bypass,
@@ -216,12 +225,12 @@ class RecoveryTrainer:
         )
         self.model.adapters_outside_groups = train.lora is not None and train.lora.target == "all"
         self.model.train()
-        self.frozen_digest = state_digest(self._frozen_state())
+        self.frozen_digest = self._digest_frozen()
         self.start_max_abs = checkpoint.max_abs(
             self.trainable.values()
         )  # the scale "exploded" is measured by
-        n_train = sum(p.numel() for p in self.trainable.values())
-        n_all = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable.values())
+        n_all = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         self.log(
             f"cqil: plan {self.plan} ({len(self.plan.groups)} groups, {par.mode}); "
             f"training {n_train:,} of {n_all:,} weights"
@@ -271,6 +280,12 @@ class RecoveryTrainer:
 
         m = self.recipe.model
         plugin = self.accelerator.state.deepspeed_plugin
+        whole_because = sharded.whole_model_reason(self)
+        self.sharded = whole_because is None
+        if self.sharded:
+            return sharded.load(self)
+        if plugin is not None and plugin.zero_stage == 3:
+            self.log(f"cqil: ZeRO-3 with the whole model loaded on every rank: {whole_because}")
         if plugin is not None:
             # The teacher copy and the surgery need whole weights: under ZeRO-3, transformers would
             # otherwise load into deepspeed.zero.Init and partition them on load. Each rank holds
@@ -299,6 +314,12 @@ class RecoveryTrainer:
     def _frozen_state(self) -> dict[str, torch.Tensor]:
         trainable = {id(p) for p in self.trainable.values()}
         return {n: p for n, p in self.model.named_parameters() if id(p) not in trainable}
+
+    def _digest_frozen(self) -> str:
+        """The digest of every frozen weight; partitioned ones (ZeRO-3) gathered one at a time."""
+        frozen = self._frozen_state()
+        partitioned = any(hasattr(p, "ds_id") for p in frozen.values())
+        return (sharded.gathered_digest if partitioned else state_digest)(frozen)
 
     @property
     def is_deepspeed(self) -> bool:
@@ -437,18 +458,6 @@ class RecoveryTrainer:
     def write_report(self) -> Path:
         """lm-eval and latency on the export in ``output_dir/model``, then ``output_dir/report/``."""
         return write_run_report(self)
-
-    @contextlib.contextmanager
-    def _gathered(self):
-        """Under ZeRO-3, gather the partitioned weights for a full-model read; elsewhere a no-op."""
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None or plugin.zero_stage != 3:
-            yield
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-            yield
 
     def cleanup(self) -> None:
         if self._metrics is not None:

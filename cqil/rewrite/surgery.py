@@ -8,7 +8,8 @@ final norm, LM head, the model class itself — untouched. The plan and options 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ def parallelize(
     gates: str = "learned",
     gate_shape: str = "scalar",
     form: str = "merged",
+    materialize: Callable[[list[nn.Module], Callable[[], nn.Module]], nn.Module] | None = None,
 ) -> nn.Module:
     """Rewrite ``model`` in place so that every group of ``plan`` runs as one parallel layer.
 
@@ -70,6 +72,10 @@ def parallelize(
         gates: ``"learned"`` (``nn.Parameter`` initialised to the mode's G) or ``"fixed"`` (buffers).
         gate_shape: ``"scalar"`` (one gate per branch pair) or ``"channel"`` (one per hidden channel).
         form: ``"merged"`` (fused wide projections) or ``"branches"`` (original modules, branch by branch).
+        materialize: how each group's module comes into being, called as ``materialize(originals,
+            build)`` with the group's original layers; it returns the module, and the default is
+            ``build()``. Under DeepSpeed ZeRO-3 (:mod:`cqil.recovery.sharded`) it gathers the originals'
+            partitioned weights around ``build`` and partitions what it built, one group at a time.
 
     Returns:
         The same ``model`` object, rewritten.
@@ -110,10 +116,9 @@ def parallelize(
         sliding_window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
         kw = dict(options, sliding_window=sliding_window)
         # A single layer has nothing to fuse: run it through its own modules so that it stays bit-exact.
-        if form == "branches" or len(indices) == 1:
-            new_layers.append(BranchGroup(originals, config, layer_idx, indices, **kw))
-        else:
-            new_layers.append(MergedGroup.from_layers(originals, config, layer_idx, indices, **kw))
+        kind = BranchGroup if form == "branches" or len(indices) == 1 else MergedGroup.from_layers
+        build = functools.partial(kind, originals, config, layer_idx, indices, **kw)
+        new_layers.append(build() if materialize is None else materialize(originals, build))
 
     model.model.layers = nn.ModuleList(new_layers)
     config.cqil = {
