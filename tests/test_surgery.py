@@ -340,3 +340,29 @@ def test_group_mixing_attention_types_is_rejected():
     model = make_model("qwen2")  # layers 0-3 full attention, 4-7 sliding window
     with pytest.raises(ValueError, match=r"group \[3, 4\] mixes attention types"):
         parallel(model, [[3, 4]])
+
+
+@pytest.mark.parametrize("bypass", ["lp", "none", "cqil"])
+def test_lora_on_a_merged_group_trains_and_merges_on_every_path(bypass, input_ids):
+    # Only lp with gates at 1 calls o_proj, gate_up_proj and down_proj whole; every other mode runs
+    # them branch by branch, and must still go through the adapters peft wraps them in.
+    from types import SimpleNamespace
+
+    from cqil.recovery.lora import apply_lora, merge_lora
+
+    model = parallel(make_model("llama"), bypass=bypass, gates="learned")
+    names = apply_lora(model, SimpleNamespace(r=4, alpha=8, dropout=0.0), target="groups")
+    assert any(n.endswith("o_proj") for n in names) and any(n.endswith("down_proj") for n in names)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or n.endswith(".gates"):
+                p.add_(torch.randn_like(p) * 0.1)  # adapters that count, gates away from 1
+    out = model(input_ids).logits
+    out.square().mean().backward()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, out.detach(), rtol=0, atol=2e-5)

@@ -63,6 +63,12 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x.to(input_dtype)
 
 
+def _plain(module: nn.Module) -> bool:
+    """Whether ``module`` is a bare ``nn.Linear``, so that slices of its weight compute what it does
+    (not so when an adapter such as a peft LoRA layer wraps it)."""
+    return type(module) is nn.Linear
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
@@ -414,9 +420,17 @@ class MergedGroup(ParallelGroup):
         if summed:
             out = self.o_proj(flat)
             return out if self.o_bias is None else out + self.o_bias.sum(0)
+        width = self.q_width // self.degree
+        if not _plain(self.o_proj):
+            # An adapter (LoRA) wraps o_proj, and its weight alone would leave the adapter out: each
+            # branch's heads go through the whole module with the other branches' columns at zero.
+            mask = torch.zeros(self.degree, self.q_width, dtype=flat.dtype, device=flat.device)
+            for j in range(self.degree):
+                mask[j, j * width : (j + 1) * width] = 1
+            outs = self.o_proj(flat.unsqueeze(0) * mask[:, None, None, :])
+            return outs if self.o_bias is None else outs + self.o_bias[:, None, None, :]
         # Branch j's heads times branch j's columns of o_proj; one plain matmul per branch runs
         # faster on CPUs than a batched matmul over strided weight views.
-        width = self.q_width // self.degree
         outs = []
         for j in range(self.degree):
             cols = slice(j * width, (j + 1) * width)
@@ -431,6 +445,14 @@ class MergedGroup(ParallelGroup):
             gate_up = self.gate_up_proj(r).view(*r.shape[:-1], self.degree, 2, inter)
             hidden = self.act_fn(gate_up[..., 0, :]) * gate_up[..., 1, :]
             return self.down_proj(hidden.flatten(-2))
+        if not (_plain(self.gate_up_proj) and _plain(self.down_proj)):
+            # Adapters wrap the projections (see _attention_out): every branch's input goes through
+            # the whole gate_up module, each keeps its own rows, and one down_proj call sums them.
+            p = self.degree
+            gate_up = self.gate_up_proj(r).view(p, *r.shape[1:-1], p, 2, inter)
+            own = torch.stack([gate_up[j, ..., j, :, :] for j in range(p)])
+            hidden = self.act_fn(own[..., 0, :]) * own[..., 1, :]
+            return self.down_proj(torch.cat(list(hidden), dim=-1))
         # Branch by branch: its gate/up rows on its own input, then its columns of down_proj,
         # accumulated (cheaper than concatenating the P hidden activations for one wide matmul).
         w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
