@@ -10,17 +10,18 @@ For a group of original layers 1..P with input x (see docs/design.md, "The math 
 Two forms compute exactly this:
 
 * :class:`BranchGroup` keeps each original layer's modules and runs them branch by branch;
-* :class:`MergedGroup` fuses the P attentions into one attention of P*H query and P*Hkv
-  key/value heads (branch-major, so grouped-query attention still maps query head i to kv head
-  i // (H/Hkv)) and the P MLPs into one wide MLP, with every branch's norm weight folded into
-  the columns of its projections. When every MLP reads the same input (fixed G = 1, Layer
-  Parallelism) the MLPs run as one wide MLP; otherwise as one batched matmul over branches.
+* :class:`MergedGroup` fuses the P attentions into one of P*H query and P*Hkv key/value heads
+  (branch-major, so grouped-query attention still maps query head i to kv head i // (H/Hkv)) and
+  the P MLPs into one wide MLP, every branch's norm weight folded into its projections. When every
+  MLP reads the same input (fixed G = 1, Layer Parallelism) it is one wide layer; otherwise each
+  branch runs on its slices of the fused weights.
 
 Both forms keep the keys and values of all branches under the group's one layer index, so the
 KV cache of a group holds P*Hkv heads, in the same order in both forms.
 
 This module depends on transformers' attention dispatch only, not on any model's modeling file,
-so that an exported model can run it as remote code.
+so that an exported model can run it as remote code; it is longer than 500 lines because that
+remote code carries both forms as this one file.
 """
 
 from __future__ import annotations
@@ -61,12 +62,6 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return x.to(input_dtype)
-
-
-def _plain(module: nn.Module) -> bool:
-    """Whether ``module`` is a bare ``nn.Linear``, so that slices of its weight compute what it does
-    (not so when an adapter such as a peft LoRA layer wraps it)."""
-    return type(module) is nn.Linear
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -348,11 +343,9 @@ class MergedGroup(ParallelGroup):
         self.qkv_proj = nn.Linear(d, self.q_width + 2 * self.kv_width, bias=bias["qkv"], **make)
         self.o_proj = nn.Linear(self.q_width, d, bias=False, **make)
         self.o_bias = nn.Parameter(torch.zeros(p, d, **make)) if bias["o"] else None
-        if bias["qk_norm"]:
-            self.q_norm = nn.Parameter(torch.ones(p, hd, **make))
-            self.k_norm = nn.Parameter(torch.ones(p, hd, **make))
-        else:
-            self.q_norm = self.k_norm = None
+        qk = bias["qk_norm"]
+        self.q_norm = nn.Parameter(torch.ones(p, hd, **make)) if qk else None
+        self.k_norm = nn.Parameter(torch.ones(p, hd, **make)) if qk else None
         self.gate_up_proj = nn.Linear(d, 2 * p * self.intermediate_size, bias=bias["mlp"], **make)
         self.down_proj = nn.Linear(p * self.intermediate_size, d, bias=bias["mlp"], **make)
         self.act_fn = ACT2FN[config.hidden_act]
@@ -421,12 +414,10 @@ class MergedGroup(ParallelGroup):
             out = self.o_proj(flat)
             return out if self.o_bias is None else out + self.o_bias.sum(0)
         width = self.q_width // self.degree
-        if not _plain(self.o_proj):
-            # An adapter (LoRA) wraps o_proj, and its weight alone would leave the adapter out: each
+        if type(self.o_proj) is not nn.Linear:
+            # An adapter (peft LoRA) wraps o_proj, and slices of its weight would leave it out: each
             # branch's heads go through the whole module with the other branches' columns at zero.
-            mask = torch.zeros(self.degree, self.q_width, dtype=flat.dtype, device=flat.device)
-            for j in range(self.degree):
-                mask[j, j * width : (j + 1) * width] = 1
+            mask = torch.eye(self.degree, dtype=flat.dtype, device=flat.device).repeat_interleave(width, 1)
             outs = self.o_proj(flat.unsqueeze(0) * mask[:, None, None, :])
             return outs if self.o_bias is None else outs + self.o_bias[:, None, None, :]
         # Branch j's heads times branch j's columns of o_proj; one plain matmul per branch runs
@@ -445,7 +436,7 @@ class MergedGroup(ParallelGroup):
             gate_up = self.gate_up_proj(r).view(*r.shape[:-1], self.degree, 2, inter)
             hidden = self.act_fn(gate_up[..., 0, :]) * gate_up[..., 1, :]
             return self.down_proj(hidden.flatten(-2))
-        if not (_plain(self.gate_up_proj) and _plain(self.down_proj)):
+        if type(self.gate_up_proj) is not nn.Linear or type(self.down_proj) is not nn.Linear:
             # Adapters wrap the projections (see _attention_out): every branch's input goes through
             # the whole gate_up module, each keeps its own rows, and one down_proj call sums them.
             p = self.degree
