@@ -109,3 +109,25 @@ def test_serving_tiny():
     gpu = sections["vllm gpu bfloat16"]
     assert "skipped" in gpu or "decode_tok_s" in gpu
     assert lines[-1]["summary"] and "llama.cpp tiny-llama-8L" in lines[-1]
+
+
+@pytest.mark.integration
+def test_recovery_quality_one_short_run():
+    # cqil_style: LoRA on every layer and bypass none, the branch-by-branch path through adapters.
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "bench/recovery_quality.py", "--recipes", "recipes/cqil_style.yaml"]
+    cmd += ["--scales", "0.05", "--heldout-sequences", "6", "--other-sequences", "6", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["recipe"] == "cqil_style" and row["tokens"] == 3 * 512 and row["threads"] == 1
+    for text in ("heldout", "other_domain"):
+        r = row[text]
+        assert r["original"] < r["rewritten"] and r["recovered"] != r["rewritten"]
+        expected = (r["rewritten"] - r["recovered"]) / (r["rewritten"] - r["original"])
+        assert r["gap_closed"] == pytest.approx(expected, abs=2e-3)
+    assert set(row["heldout"]["gap_closed_by_source"]) == {
+        "RedPajamaWikipedia",
+        "RedPajamaBook",
+        "RedPajamaGithub",
+    }
