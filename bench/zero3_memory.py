@@ -4,10 +4,12 @@ Builds the randomly initialised ~1.2B Llama of ``bench/analysis_memory.py`` (hid
 float32: 4.7 GB of weights), saves it, and runs a short recovery of it (two pairs, a few steps, the
 before/after perplexities and the export) under ``accelerate launch`` with
 ``launch/accelerate/zero3.yaml`` at each ``--ranks`` count, then under ``zero2.yaml`` for comparison.
-While a run goes, every rank's resident memory is sampled from ``/proc``; on CPU the device memory
-*is* host memory, so this is both. Printed per run, one JSON line: the peak of each rank up to the
-end of training (loading, surgery, teacher copy, evaluation, steps) and over the whole run (the export
-included: the main process gathers one whole copy of the recovered model to write it).
+While a run goes, every rank's private resident memory (``RssAnon`` + ``RssShmem`` in ``/proc``,
+every 50 ms; the checkpoint's memory-mapped file pages are left out: they are the node's page cache,
+shared by the ranks) is sampled; on CPU the device memory *is* host memory, so this is both.
+Printed per run, one JSON line: the peak of each rank up to the end of training (loading, surgery,
+teacher copy, evaluation, steps) and over the whole run (the export included: the main process
+gathers one whole copy of the recovered model to write it).
 
 The last line fits ``peak = S / N + C`` to the ZeRO-3 peaks (least squares over the rank counts): S is
 what partitioning divides (weights, teacher copy, gradients, optimizer states), C what every rank pays
@@ -16,6 +18,9 @@ whatever N (the Python and torch baseline, one group of whole weights, activatio
 
     python bench/zero3_memory.py                          # ~1.2B model; about 15 minutes on 2 cores
     python bench/zero3_memory.py --layers 4 --hidden 256 --intermediate 688   # a quick check
+    # launch/README.md's table (0.54B; run the rank counts one at a time on a 24 GB machine):
+    python bench/zero3_memory.py --hidden 1536 --layers 16 --intermediate 4096 --heads 24 \
+        --kv-heads 4 --groups 6-10:2 --buckets hidden --ranks 1 2 4 --zero2-ranks
 """
 
 from __future__ import annotations
@@ -84,15 +89,53 @@ def _ranks(root: int) -> dict[int, int]:
     return out
 
 
+def tuned_config(tmp: Path, args) -> Path:
+    """launch/accelerate/zero3.yaml as a DeepSpeed JSON config with ZeRO-3's buffers sized.
+
+    ``--buckets hidden`` sizes the gradient reduce bucket, the prefetch bucket and the persistence
+    threshold from the hidden size, as accelerate does for ``"auto"`` in a JSON config (h², 0.9 h²,
+    10 h); without a config file DeepSpeed's defaults hold (a reduce bucket of 5e8 elements: 2 GB in
+    float32, part of every rank's constant). ``--max-live`` caps the gathered parameters a rank holds.
+    """
+    zero: dict = {"stage": 3}
+    if args.buckets == "hidden":
+        h = args.hidden
+        zero |= {
+            "reduce_bucket_size": h * h,
+            "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h,
+        }
+    if args.max_live is not None:
+        zero |= {"stage3_max_live_parameters": args.max_live}
+    ds = {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+    }
+    (tmp / "zero3_tuned.json").write_text(json.dumps(ds))
+    path = tmp / "zero3_tuned.yaml"
+    path.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {tmp / 'zero3_tuned.json'}\n  zero3_init_flag: false\n"
+        "num_machines: 1\nmachine_rank: 0\nrdzv_backend: static\nsame_network: true\n"
+    )
+    return path
+
+
 def run(kind: str, ranks: int, folder: Path, tmp: Path, args) -> dict:
     out = tmp / f"{kind}-{ranks}"
     path = tmp / f"{kind}-{ranks}.yaml"
     path.write_text(recipe(folder, out, args))
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
+    config = REPO / f"launch/accelerate/{kind}.yaml"
+    if kind == "zero3" and (args.max_live is not None or args.buckets == "hidden"):
+        config = tuned_config(tmp, args)
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / f"launch/accelerate/{kind}.yaml"), "--num_processes", str(ranks),
+        "--config_file", str(config), "--num_processes", str(ranks),
         "--main_process_port", str(29500 + ranks + (10 if kind == "zero2" else 0)),
         str(REPO / "train/recover.py"), str(path),
     ]  # fmt: skip
@@ -104,10 +147,14 @@ def run(kind: str, ranks: int, folder: Path, tmp: Path, args) -> dict:
     hwm: dict[int, int] = {}
     trained = threading.Event()
     lines: list[str] = []
+    phase = ["start"]  # the last progress line seen: where each rank's peak happened
+    peak_phase: dict[int, str] = {}
 
     def read() -> None:
         for line in proc.stderr:
             lines.append(line)
+            if "cqil" in line:
+                phase[0] = line.strip()[-90:]
             if "held-out perplexity, recovered" in line:
                 trained.set()
 
@@ -115,21 +162,31 @@ def run(kind: str, ranks: int, folder: Path, tmp: Path, args) -> dict:
     reader.start()
     while proc.poll() is None:
         for pid, rank in _ranks(proc.pid).items():
-            rss, peak = _status(pid, "VmRSS"), _status(pid, "VmHWM")
-            if peak:
-                hwm[rank] = max(hwm.get(rank, 0), peak)
-            if rss and not trained.is_set():
-                train_peak[rank] = max(train_peak.get(rank, 0), rss)
-        time.sleep(0.1)
+            # Private memory only: the checkpoint's mapped file pages are the node's page cache,
+            # shared by every rank and reclaimable, and would otherwise count once per rank.
+            anon = _status(pid, "RssAnon")
+            shmem = _status(pid, "RssShmem")
+            if anon is None or shmem is None:
+                continue
+            private = anon + shmem
+            if private > hwm.get(rank, 0):
+                hwm[rank] = private
+                if not trained.is_set():
+                    peak_phase[rank] = phase[0]
+            if not trained.is_set():
+                train_peak[rank] = max(train_peak.get(rank, 0), private)
+        time.sleep(0.05)
     reader.join()
     if proc.returncode != 0:
         sys.stderr.write("".join(lines[-60:]))
         raise SystemExit(f"{kind} with {ranks} ranks failed (exit {proc.returncode})")
     return {
         "config": kind,
+        "buckets": args.buckets if kind == "zero3" else "deepspeed",
         "ranks": ranks,
         "peak_until_trained_gb": [round(train_peak[r] / GB, 3) for r in sorted(train_peak)],
         "peak_gb": [round(hwm[r] / GB, 3) for r in sorted(hwm)],
+        "peak_after": [peak_phase[r] for r in sorted(peak_phase)],
         "seconds": round(time.perf_counter() - started, 1),
         "sharded": any("loading the model partitioned" in line for line in lines),
     }
@@ -158,6 +215,18 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--zero2-ranks", type=int, nargs="*", default=[1, 2])
+    p.add_argument(
+        "--max-live",
+        type=int,
+        default=None,
+        help="stage3_max_live_parameters of the ZeRO-3 runs (default: launch/accelerate/zero3.yaml's, 1e9)",
+    )
+    p.add_argument(
+        "--buckets",
+        choices=["deepspeed", "hidden"],
+        default="deepspeed",
+        help="ZeRO-3 buffer sizes: DeepSpeed's defaults (launch/accelerate/zero3.yaml) or from the hidden size",
+    )
     p.add_argument("--dir", help="work folder (default: a temporary one, removed afterwards)")
     args = p.parse_args()
     args.dtype = "float32"

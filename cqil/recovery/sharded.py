@@ -13,8 +13,9 @@ four places, and under ZeRO-3 each of them works on one piece of the model at a 
   one parameter at a time, and the export is built on the main process from weights gathered one
   module at a time into its host memory.
 
-So a rank's peak is its share of the partitioned state plus one group's whole weights (the
-original layers gathered beside the group built from them). The measurements are
+So while the model is built a rank's peak is its share of the partitioned state plus one group's
+whole weights (the original layers gathered beside the group built from them); in training, what
+ZeRO-3 itself keeps gathered (up to ``stage3_max_live_parameters``) and its buckets add a constant. The measurements are
 ``bench/zero3_memory.py``'s; the memory model for 7B and 70B models is in ``launch/README.md``.
 
 What still needs the whole model on every rank falls back to the whole-model path, said in the log:
