@@ -1,6 +1,7 @@
 """Latency of a merged-form parallelized model against the original, measured side by side.
 
-Times, for the original model and for a deep copy parallelized with ``form="merged"``:
+Times, for the original model and for a deep copy parallelized with ``form="merged"`` (one per
+``--bypass`` mode; the first is the summary's ``merged``, the others ``merged_<mode>``):
   prefill  one forward of batch 1 x --prefill-len tokens (KV cache built, last-position logits
            only, as ``generate`` does);
   decode   --new-tokens greedy steps of one token each with the KV cache, after an untimed
@@ -16,6 +17,7 @@ Runtime: about 1.5 minutes on smollm2-135m (1 CPU thread, 5 reps), seconds on --
 
     python bench/merged_vs_original.py                     # SmolLM2-135M, plan 10-22:2
     python bench/merged_vs_original.py --model tiny --reps 2
+    python bench/merged_vs_original.py --groups 14-26:2 --threads 2 --bypass lp cqil
 
 The last line printed is one JSON object with the medians and ratios.
 """
@@ -56,6 +58,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--bypass",
+        nargs="+",
+        default=["lp"],
+        choices=["lp", "cqil", "none"],
+        help="bypass modes to time, each as its own parallelized copy in the same interleaved run",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -69,9 +78,15 @@ def main() -> None:
     if spec is None:
         parser.error(f"no default plan for {args.model!r}; pass --groups")
     plan = cqil.GroupPlan.parse(spec, original.config.num_hidden_layers)
-    merged = cqil.parallelize(copy.deepcopy(original), plan, form="merged").eval()
-    assert len(merged.model.layers) == plan.num_layers_after, "the surgery did not replace the grouped layers"
-    models = {"original": original, "merged": merged}
+    # The first mode is "merged" (the summary's speedups); any others are "merged_<mode>".
+    models = {"original": original}
+    for i, bypass in enumerate(dict.fromkeys(args.bypass)):
+        model = cqil.parallelize(copy.deepcopy(original), plan, form="merged", bypass=bypass).eval()
+        assert len(model.model.layers) == plan.num_layers_after, (
+            "the surgery did not replace the grouped layers"
+        )
+        models["merged" if i == 0 else f"merged_{bypass}"] = model
+    merged = models["merged"]
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(original.config.vocab_size, (1, args.prefill_len), generator=generator).to(device)
@@ -106,8 +121,8 @@ def main() -> None:
                 flush=True,
             )
 
-    def median_ratio(kind: str) -> float:
-        pairs = zip(times["original"][kind], times["merged"][kind], strict=True)
+    def median_ratio(kind: str, name: str = "merged") -> float:
+        pairs = zip(times["original"][kind], times[name][kind], strict=True)
         return statistics.median(a / b for a, b in pairs)
 
     def medians(kind: str) -> dict:
@@ -119,6 +134,13 @@ def main() -> None:
         "prefill_speedup": round(median_ratio("prefill"), 4),
         "decode_speedup": round(median_ratio("decode"), 4),
         "ideal": round(plan.ideal_speedup, 4),
+        "bypass": args.bypass[0],
+        **{
+            f"{kind}_speedup_{name.removeprefix('merged_')}": round(median_ratio(kind, name), 4)
+            for name in models
+            if name.startswith("merged_")
+            for kind in ("prefill", "decode")
+        },
         "prefill_ms": medians("prefill"),
         "decode_ms": medians("decode"),
         "prefill_len": args.prefill_len,
