@@ -35,6 +35,7 @@ from tiny import build_tiny  # bench/tiny.py, beside this script
 import cqil
 from cqil.evaluation import metrics
 from cqil.pretrained import load_model
+from cqil.rewrite.group import BYPASS_MODES
 
 DEFAULT_PLANS = {"smollm2-135m": "10-22:2", "tiny": "2-6:2"}
 
@@ -62,7 +63,7 @@ def main() -> None:
         "--bypass",
         nargs="+",
         default=["lp"],
-        choices=["lp", "cqil", "none"],
+        choices=BYPASS_MODES,
         help="bypass modes to time, each as its own parallelized copy in the same interleaved run",
     )
     args = parser.parse_args()

@@ -17,7 +17,7 @@ whatever N (the Python and torch baseline, one group of whole weights, activatio
 ``launch/README.md`` turns S and C into the memory model of 7B and 70B runs.
 
     python bench/zero3_memory.py                          # ~1.2B model; about 15 minutes on 2 cores
-    python bench/zero3_memory.py --layers 4 --hidden 256 --intermediate 688   # a quick check
+    python bench/zero3_memory.py --layers 4 --hidden 256 --intermediate 688 --groups 1-3:2   # a quick check
     # launch/README.md's table (0.54B; run the rank counts one at a time on a 24 GB machine):
     python bench/zero3_memory.py --hidden 1536 --layers 16 --intermediate 4096 --heads 24 \
         --kv-heads 4 --groups 6-10:2 --buckets hidden --ranks 1 2 4 --zero2-ranks
@@ -35,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
 from analysis_memory import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,12 +116,15 @@ def tuned_config(tmp: Path, args) -> Path:
         "gradient_clipping": "auto",
     }
     (tmp / "zero3_tuned.json").write_text(json.dumps(ds))
+    # The shipped config with its DeepSpeed section moved into the JSON file (accelerate takes one or
+    # the other), so every other launch setting stays the shipped one.
+    launch = yaml.safe_load((REPO / "launch/accelerate/zero3.yaml").read_text())
+    launch["deepspeed_config"] = {
+        "deepspeed_config_file": str(tmp / "zero3_tuned.json"),
+        "zero3_init_flag": launch["deepspeed_config"]["zero3_init_flag"],
+    }
     path = tmp / "zero3_tuned.yaml"
-    path.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
-        f"deepspeed_config:\n  deepspeed_config_file: {tmp / 'zero3_tuned.json'}\n  zero3_init_flag: false\n"
-        "num_machines: 1\nmachine_rank: 0\nrdzv_backend: static\nsame_network: true\n"
-    )
+    path.write_text(yaml.safe_dump(launch))
     return path
 
 
