@@ -20,7 +20,7 @@ whatever N (the Python and torch baseline, one group of whole weights, activatio
     python bench/zero3_memory.py --layers 4 --hidden 256 --intermediate 688 --groups 1-3:2   # a quick check
     # launch/README.md's table (0.54B; run the rank counts one at a time on a 24 GB machine):
     python bench/zero3_memory.py --hidden 1536 --layers 16 --intermediate 4096 --heads 24 \
-        --kv-heads 4 --groups 6-10:2 --buckets hidden --ranks 1 2 4 --zero2-ranks
+        --kv-heads 4 --groups 6-10:2 --ranks 1 2 4 --zero2-ranks
 """
 
 from __future__ import annotations
@@ -91,38 +91,27 @@ def _ranks(root: int) -> dict[int, int]:
 
 
 def tuned_config(tmp: Path, args) -> Path:
-    """launch/accelerate/zero3.yaml as a DeepSpeed JSON config with ZeRO-3's buffers sized.
+    """launch/accelerate/zero3.yaml with its DeepSpeed JSON changed as the arguments say.
 
-    ``--buckets hidden`` sizes the gradient reduce bucket, the prefetch bucket and the persistence
-    threshold from the hidden size, as accelerate does for ``"auto"`` in a JSON config (h², 0.9 h²,
-    10 h); without a config file DeepSpeed's defaults hold (a reduce bucket of 5e8 elements: 2 GB in
-    float32, part of every rank's constant). ``--max-live`` caps the gathered parameters a rank holds.
+    The shipped ``launch/deepspeed/zero3.json`` leaves the gradient reduce bucket, the prefetch bucket
+    and the persistence threshold ``"auto"``: the trainer sizes them from the hidden size (h², 0.9 h²,
+    10 h). ``--buckets deepspeed`` writes DeepSpeed's own defaults instead (a reduce bucket of 5e8
+    elements: 2 GB in float32, part of every rank's constant). ``--max-live`` caps the gathered
+    parameters a rank holds.
     """
-    zero: dict = {"stage": 3}
-    if args.buckets == "hidden":
-        h = args.hidden
-        zero |= {
-            "reduce_bucket_size": h * h,
-            "stage3_prefetch_bucket_size": int(0.9 * h * h),
-            "stage3_param_persistence_threshold": 10 * h,
-        }
-    if args.max_live is not None:
-        zero |= {"stage3_max_live_parameters": args.max_live}
-    ds = {
-        "zero_optimization": zero,
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-    }
-    (tmp / "zero3_tuned.json").write_text(json.dumps(ds))
-    # The shipped config with its DeepSpeed section moved into the JSON file (accelerate takes one or
-    # the other), so every other launch setting stays the shipped one.
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
     launch = yaml.safe_load((REPO / "launch/accelerate/zero3.yaml").read_text())
-    launch["deepspeed_config"] = {
-        "deepspeed_config_file": str(tmp / "zero3_tuned.json"),
-        "zero3_init_flag": launch["deepspeed_config"]["zero3_init_flag"],
-    }
+    ds = json.loads((REPO / launch["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    zero = ds["zero_optimization"]
+    if args.buckets == "deepspeed":
+        for name in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
+            field = DeepSpeedZeroConfig.model_fields[name]
+            zero[field.alias or name] = field.default
+    if args.max_live is not None:
+        zero["stage3_max_live_parameters"] = args.max_live
+    (tmp / "zero3_tuned.json").write_text(json.dumps(ds))
+    launch["deepspeed_config"]["deepspeed_config_file"] = str(tmp / "zero3_tuned.json")
     path = tmp / "zero3_tuned.yaml"
     path.write_text(yaml.safe_dump(launch))
     return path
@@ -135,7 +124,7 @@ def run(kind: str, ranks: int, folder: Path, tmp: Path, args) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
     config = REPO / f"launch/accelerate/{kind}.yaml"
-    if kind == "zero3" and (args.max_live is not None or args.buckets == "hidden"):
+    if kind == "zero3" and (args.max_live is not None or args.buckets == "deepspeed"):
         config = tuned_config(tmp, args)
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -228,8 +217,8 @@ def main() -> None:
     p.add_argument(
         "--buckets",
         choices=["deepspeed", "hidden"],
-        default="deepspeed",
-        help="ZeRO-3 buffer sizes: DeepSpeed's defaults (launch/accelerate/zero3.yaml) or from the hidden size",
+        default="hidden",
+        help="ZeRO-3 buffer sizes: from the hidden size (the shipped launch/deepspeed/zero3.json) or DeepSpeed's defaults",
     )
     p.add_argument("--dir", help="work folder (default: a temporary one, removed afterwards)")
     args = p.parse_args()

@@ -152,6 +152,8 @@ def test_zero3_trains_and_keeps_frozen_weights(setup, tmp_path):
     stderr = launch(setup, "zero3", out).stderr
     result = check_run(out, stderr)
     assert "loading the model partitioned over 2 ranks" in stderr
+    # launch/deepspeed/zero3.json's "auto" buffers, sized from the tiny model's hidden size 48.
+    assert "reduce_bucket_size=2,304" in stderr and "stage3_param_persistence_threshold=480" in stderr
     ddp_out = tmp_path / "ddp"
     reference = check_run(ddp_out, launch(setup, "ddp", ddp_out).stderr)
     # The trainer itself raises if the frozen weights changed; they must also equal DDP's.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cqil.recovery.threads import training_threads, usable_cores
 
 
@@ -23,3 +25,8 @@ def test_accelerates_default_of_one_gives_every_core_shared_among_local_processe
 
 def test_usable_cores_is_positive():
     assert usable_cores() >= 1
+
+
+def test_a_broken_local_world_size_names_the_variable():
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='two'"):
+        training_threads(None, env={"LOCAL_WORLD_SIZE": "two"}, cores=8)

@@ -50,6 +50,39 @@ def make_optimizer(trainer: RecoveryTrainer) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train.lr, betas=betas, foreach=False)
 
 
+# DeepSpeed buffer sizes that "auto" derives from the hidden size h, by the rule accelerate and
+# transformers apply: the gradient reduce bucket h², the ZeRO-3 prefetch bucket 0.9 h², and the size
+# under which ZeRO-3 keeps a parameter whole on every rank, 10 h.
+HIDDEN_SIZED_KEYS: dict[str, Callable[[int], int]] = {
+    "zero_optimization.reduce_bucket_size": lambda h: h * h,
+    "zero_optimization.stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "zero_optimization.stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def size_deepspeed_buffers(plugin, model_config) -> dict[str, int]:
+    """Fill the DeepSpeed config's hidden-size ``"auto"`` values from the model's config; returns them.
+
+    accelerate fills them in ``prepare()`` from ``model.config``: too late for a model that ZeRO-3
+    partitions as it loads (``zero.Init`` reads them first), and the model prepared here is the
+    student and teacher together, which has no config. Values written as numbers stay as they are.
+    """
+    auto = [key for key in HIDDEN_SIZED_KEYS if plugin.is_auto(key)]
+    if not auto:
+        return {}
+    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    hidden = getattr(text, "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ValueError(
+            f'the DeepSpeed config sets {", ".join(auto)} to "auto", which needs the model\'s '
+            "hidden_size, and its config has none: write the numbers into the DeepSpeed config"
+        )
+    values = {key: HIDDEN_SIZED_KEYS[key](hidden) for key in auto}
+    for key in auto:  # only these keys: the batch sizes are still "auto" (see configure_deepspeed)
+        plugin.fill_match(key, must_match=False, **values)
+    return values
+
+
 def configure_deepspeed(trainer: RecoveryTrainer) -> None:
     plugin = trainer.accelerator.state.deepspeed_plugin
     if plugin is None:

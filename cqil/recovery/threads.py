@@ -34,5 +34,10 @@ def training_threads(
         omp = 0
     if omp > 1:
         return omp
-    local = max(int(env.get("LOCAL_WORLD_SIZE", "") or 1), 1)
+    raw = env.get("LOCAL_WORLD_SIZE", "") or "1"
+    try:
+        local = max(int(raw), 1)
+    except ValueError:
+        # The launcher sets it; a value that is not a count means the environment is broken.
+        raise ValueError(f"LOCAL_WORLD_SIZE={raw!r} is not a process count") from None
     return max((cores if cores is not None else usable_cores()) // local, 1)
