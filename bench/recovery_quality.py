@@ -10,7 +10,9 @@ schedule keeps its shape), and prints one JSON line:
   on the sample's held-out split (``--heldout-sequences`` blocks of the recipe's ``seq_len``, drawn
   equally from its three sources), and the fraction of the gap closed, overall and per source;
 * the same on **text from a domain the training data does not contain**
-  (``data/other_domain/package_docs.jsonl.gz``, technical documentation; never trained or tuned on);
+  (``data/other_domain/package_docs.jsonl.gz``, technical documentation; never trained or tuned on),
+  and on a dev set of the same kind from another source (``python_docs.jsonl.gz``, the Python
+  language reference), the one to compare recipe variants on;
 * the tokens trained, the wall time of the training loop and its threads.
 
 Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
@@ -36,7 +38,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["recipes/smollm2_135m.yaml", "recipes/lp_style.yaml", "recipes/cqil_style.yaml"]
-OTHER_DOMAIN = ROOT / "data" / "other_domain" / "package_docs.jsonl.gz"
+# Text of a domain the training sample lacks: "other_domain" is the test set (never tuned on);
+# "dev_domain" is the same kind of text from another source, on which recipe variants are compared.
+DOMAINS = {
+    "other_domain": ROOT / "data" / "other_domain" / "package_docs.jsonl.gz",
+    "dev_domain": ROOT / "data" / "other_domain" / "python_docs.jsonl.gz",
+}
+
+
+def domain_blocks(tokenizer, recipe, args) -> dict:
+    """Token blocks of each domain set: half its documents (a hash split), ``seq_len`` tokens each."""
+    from cqil.recovery.data import heldout_blocks
+
+    return {
+        name: heldout_blocks(
+            tokenizer, [], [path], seq_len=recipe.train.seq_len, num_sequences=args.other_sequences,
+            heldout_fraction=0.5,
+        )[0]
+        for name, path in DOMAINS.items()
+    }  # fmt: skip
+
+
 # Step counts that scale with a run's length (warmup, the local phase); checkpoints are off.
 SCALED_KEYS = ("warmup_steps", "local_steps")
 
@@ -63,7 +85,6 @@ def child(args) -> None:
     import torch
 
     from cqil.evaluation.metrics import perplexity
-    from cqil.recovery.data import heldout_blocks
     from cqil.recovery.recipe import load_recipe
     from cqil.recovery.trainer import RecoveryTrainer
 
@@ -81,25 +102,20 @@ def child(args) -> None:
     trainer = RecoveryTrainer(recipe, source=args.recipe)
     try:
         trainer.setup()
-        ood, _ = heldout_blocks(
-            trainer.tokenizer,
-            [],
-            [OTHER_DOMAIN],
-            seq_len=recipe.train.seq_len,
-            num_sequences=args.other_sequences,
-            heldout_fraction=0.5,
-        )
+        texts = domain_blocks(trainer.tokenizer, recipe, args)
         student = trainer.model.student
-        # The rewritten model before any step, on the other domain (the held-out split's is in results).
+        # The rewritten model before any step, out of domain (the held-out split's is in results).
         with torch.no_grad():
-            before_ood = perplexity(student, ood, batch_size=8, progress=False)["ppl"]
+            before = {
+                k: perplexity(student, t, batch_size=8, progress=False)["ppl"] for k, t in texts.items()
+            }
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
         results = trainer.finish(lambda *a, **k: None)
         student.eval()
         with torch.no_grad():
-            after_ood = perplexity(student, ood, batch_size=8, progress=False)["ppl"]
+            after = {k: perplexity(student, t, batch_size=8, progress=False)["ppl"] for k, t in texts.items()}
     finally:
         trainer.cleanup()
     ppl = {k: results[k]["ppl"] for k in ("original", "parallelized", "recovered")}
@@ -111,38 +127,36 @@ def child(args) -> None:
         "RESULT "
         + json.dumps(
             {
-                "before_other_domain": before_ood,
-                "after_other_domain": after_ood,
+                "before": before,
+                "after": after,
                 "ppl": ppl,
                 "gap_closed_by_source": by_source,
                 "train_s": round(train_s, 1),
                 "threads": torch.get_num_threads(),
                 "tokens": results.get("tokens_seen"),
                 "heldout_tokens": results["recovered"]["tokens"],
-                "other_domain_tokens": int(ood.numel()),
+                "domain_tokens": {k: int(t.numel()) for k, t in texts.items()},
             }
         ),
         flush=True,
     )
 
 
-def original_other_domain(args) -> float:
-    """Perplexity of the untouched model on the other-domain text (the same for every recipe)."""
+def original_domains(args) -> dict[str, float]:
+    """Perplexity of the untouched model on each domain set (the same for every recipe)."""
     import torch
 
     from cqil.evaluation.metrics import perplexity
     from cqil.pretrained import load_model
-    from cqil.recovery.data import heldout_blocks
     from cqil.recovery.recipe import load_recipe
 
     recipe = load_recipe(ROOT / RECIPES[0])
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
-    ood, _ = heldout_blocks(
-        tokenizer, [], [OTHER_DOMAIN], seq_len=recipe.train.seq_len, num_sequences=args.other_sequences,
-        heldout_fraction=0.5,
-    )  # fmt: skip
     with torch.no_grad():
-        return perplexity(model, ood, batch_size=8, progress=False)["ppl"]
+        return {
+            k: perplexity(model, t, batch_size=8, progress=False)["ppl"]
+            for k, t in domain_blocks(tokenizer, recipe, args).items()
+        }
 
 
 def main(argv=None) -> int:
@@ -153,11 +167,18 @@ def main(argv=None) -> int:
     parser.add_argument("--other-sequences", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None, help="train.cpu_threads of every run")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run (repeatable; dotted keys as in `cqil train --set`)",
+    )
+    parser.add_argument("--label", help="the JSON lines' recipe name (default: the recipe file's stem)")
     # One run (internal): the child process.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
@@ -170,14 +191,14 @@ def main(argv=None) -> int:
         reference.train.max_steps,
         reference.train.seq_len * (reference.train.micro_batch_size * reference.train.grad_accum_steps),
     )
-    original_ood = original_other_domain(args)
+    originals = original_domains(args)
     for path in args.recipes:
         recipe = load_recipe(ROOT / path)
         per_step = recipe.train.seq_len * recipe.train.micro_batch_size * recipe.train.grad_accum_steps
         if per_step != tokens_per_step:
             raise SystemExit(f"{path}: {per_step} tokens per step, the default recipe {tokens_per_step}")
         for scale in args.scales:
-            sets = scaled_overrides(recipe, scale, reference_steps)
+            sets = [*args.set, *scaled_overrides(recipe, scale, reference_steps)]
             if args.threads is not None:
                 sets.append(f"train.cpu_threads={args.threads}")
             with tempfile.TemporaryDirectory(prefix="cqil-quality-") as tmp:
@@ -202,7 +223,8 @@ def main(argv=None) -> int:
             r = json.loads(lines[-1][len("RESULT ") :])
             ppl = r["ppl"]
             row = {
-                "recipe": Path(path).stem,
+                "recipe": args.label or Path(path).stem,
+                **({"overrides": args.set} if args.set else {}),
                 "scale": scale,
                 "tokens": r["tokens"],
                 "train_s": r["train_s"],
@@ -217,14 +239,15 @@ def main(argv=None) -> int:
                     },
                     "tokens": r["heldout_tokens"],
                 },
-                "other_domain": {
-                    "original": round(original_ood, 3),
-                    "rewritten": round(r["before_other_domain"], 3),
-                    "recovered": round(r["after_other_domain"], 3),
-                    "gap_closed": round(
-                        gap(original_ood, r["before_other_domain"], r["after_other_domain"]), 4
-                    ),
-                    "tokens": r["other_domain_tokens"],
+                **{
+                    k: {
+                        "original": round(originals[k], 3),
+                        "rewritten": round(r["before"][k], 3),
+                        "recovered": round(r["after"][k], 3),
+                        "gap_closed": round(gap(originals[k], r["before"][k], r["after"][k]), 4),
+                        "tokens": r["domain_tokens"][k],
+                    }
+                    for k in DOMAINS
                 },
             }
             line = json.dumps(row)

@@ -121,7 +121,7 @@ def test_recovery_quality_one_short_run():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["recipe"] == "cqil_style" and row["tokens"] == 3 * 512 and row["threads"] == 1
-    for text in ("heldout", "other_domain"):
+    for text in ("heldout", "other_domain", "dev_domain"):
         r = row[text]
         assert r["original"] < r["rewritten"] and r["recovered"] != r["rewritten"]
         expected = (r["rewritten"] - r["recovered"]) / (r["rewritten"] - r["original"])
