@@ -83,6 +83,14 @@ def size_deepspeed_buffers(plugin, model_config) -> dict[str, int]:
     return values
 
 
+def fill_deepspeed_auto(trainer: RecoveryTrainer) -> None:
+    """Before the model loads: the hidden-size ``"auto"`` values of the run's DeepSpeed config, logged."""
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is not None and (sized := size_deepspeed_buffers(plugin, trainer.model_config)):
+        values = ", ".join(f"{k}={v:,}" for k, v in sized.items())
+        trainer.log(f'cqil: DeepSpeed "auto" from the hidden size: {values}')
+
+
 def configure_deepspeed(trainer: RecoveryTrainer) -> None:
     plugin = trainer.accelerator.state.deepspeed_plugin
     if plugin is None:

@@ -40,7 +40,7 @@ from cqil.recovery.checkpoint import NonFiniteWeightsError, Preempted, list_chec
 from cqil.recovery.finish import finish_run, write_run_report
 from cqil.recovery.measure import prepare_eval, run_lm_eval, run_perplexity
 from cqil.recovery.model import RecoveryModel, select_trainable
-from cqil.recovery.optim import configure_deepspeed, lr_lambda, make_optimizer, size_deepspeed_buffers
+from cqil.recovery.optim import configure_deepspeed, fill_deepspeed_auto, lr_lambda, make_optimizer
 from cqil.recovery.progress import flatten, step_line
 from cqil.recovery.recipe import Recipe, dump_recipe, recipe_to_dict
 from cqil.recovery.stream import TokenStream
@@ -280,11 +280,7 @@ class RecoveryTrainer:
 
         m = self.recipe.model
         plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is not None and (sized := size_deepspeed_buffers(plugin, self.model_config)):
-            self.log(
-                'cqil: DeepSpeed "auto" from the hidden size: '
-                + ", ".join(f"{k}={v:,}" for k, v in sized.items())
-            )
+        fill_deepspeed_auto(self)
         whole_because = sharded.whole_model_reason(self)
         self.sharded = whole_because is None
         if self.sharded:
