@@ -184,6 +184,7 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
+    from cqil.errors import CqilError
     from cqil.recovery.recipe import load_recipe
 
     reference = load_recipe(ROOT / RECIPES[0])
@@ -191,14 +192,19 @@ def main(argv=None) -> int:
         reference.train.max_steps,
         reference.train.seq_len * (reference.train.micro_batch_size * reference.train.grad_accum_steps),
     )
-    originals = original_domains(args)
-    for path in args.recipes:
-        recipe = load_recipe(ROOT / path)
+    recipes = {}
+    for path in args.recipes:  # every recipe checked before any model loads
+        try:  # --set applies before the scaling, so an overridden step count is scaled too
+            recipe = recipes[path] = load_recipe(ROOT / path, args.set)
+        except CqilError as e:
+            parser.exit(2, f"error: {e}\n")
         per_step = recipe.train.seq_len * recipe.train.micro_batch_size * recipe.train.grad_accum_steps
         if per_step != tokens_per_step:
             raise SystemExit(f"{path}: {per_step} tokens per step, the default recipe {tokens_per_step}")
+    originals = original_domains(args)
+    for path, recipe in recipes.items():
         for scale in args.scales:
-            sets = [*args.set, *scaled_overrides(recipe, scale, reference_steps)]
+            sets = [*args.set, *scaled_overrides(recipe, scale, reference_steps)]  # the later wins
             if args.threads is not None:
                 sets.append(f"train.cpu_threads={args.threads}")
             with tempfile.TemporaryDirectory(prefix="cqil-quality-") as tmp:

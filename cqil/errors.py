@@ -34,6 +34,10 @@ class ModelError(CqilError, ValueError):
     """A model (name, folder or export) that cannot be loaded or used as asked."""
 
 
+class LaunchError(CqilError, ValueError):
+    """A launch setting that cannot be used: an environment variable, an accelerate or DeepSpeed config."""
+
+
 class OutputDirError(CqilError, FileExistsError):
     """An output folder that exists and may not be written into (not a folder, or not empty)."""
 

@@ -131,3 +131,19 @@ def test_recovery_quality_one_short_run():
         "RedPajamaBook",
         "RedPajamaGithub",
     }
+
+
+def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_override():
+    import importlib.util
+
+    from cqil.recovery.recipe import load_recipe
+
+    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recipe = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.warmup_steps=10"])
+    assert bench.scaled_overrides(recipe, 2, 60) == ["train.max_steps=120", "train.warmup_steps=20"]
+    cmd = [sys.executable, "bench/recovery_quality.py", "--scales", "1", "--set", "train.lr=-1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["error: <command line>: train.lr=-1: must be > 0; got -1.0"]

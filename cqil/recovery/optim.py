@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
+from cqil.errors import LaunchError
 from cqil.recovery.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -73,9 +75,10 @@ def size_deepspeed_buffers(plugin, model_config) -> dict[str, int]:
     text = getattr(model_config, "get_text_config", lambda: model_config)()
     hidden = getattr(text, "hidden_size", None)
     if not isinstance(hidden, int):
-        raise ValueError(
-            f'the DeepSpeed config sets {", ".join(auto)} to "auto", which needs the model\'s '
-            "hidden_size, and its config has none: write the numbers into the DeepSpeed config"
+        where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
+        raise LaunchError(
+            f'{where} sets {", ".join(auto)} to "auto", which needs the model\'s hidden_size, and '
+            "its config has none: write the numbers into the DeepSpeed config"
         )
     values = {key: HIDDEN_SIZED_KEYS[key](hidden) for key in auto}
     for key in auto:  # only these keys: the batch sizes are still "auto" (see configure_deepspeed)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from cqil.errors import LaunchError
+
 
 def usable_cores() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
@@ -39,5 +41,5 @@ def training_threads(
         local = max(int(raw), 1)
     except ValueError:
         # The launcher sets it; a value that is not a count means the environment is broken.
-        raise ValueError(f"LOCAL_WORLD_SIZE={raw!r} is not a process count") from None
+        raise LaunchError(f"LOCAL_WORLD_SIZE={raw!r} is not a process count") from None
     return max((cores if cores is not None else usable_cores()) // local, 1)
