@@ -9,10 +9,10 @@ schedule keeps its shape), and prints one JSON line:
 * the held-out perplexity of the original, the rewritten (before training) and the recovered model,
   on the sample's held-out split (``--heldout-sequences`` blocks of the recipe's ``seq_len``, drawn
   equally from its three sources), and the fraction of the gap closed, overall and per source;
-* the same on **text from a domain the training data does not contain**
-  (``data/other_domain/package_docs.jsonl.gz``, technical documentation; never trained or tuned on),
-  and on a dev set of the same kind from another source (``python_docs.jsonl.gz``, the Python
-  language reference), the one to compare recipe variants on;
+* the same on **text from a domain the training data does not contain**, every document of each set
+  (``data/other_domain/package_docs.jsonl.gz``, the READMEs of 21 packages, never trained or tuned
+  on, with the gap closed per README; and a dev set of the same kind from another source,
+  ``python_docs.jsonl.gz``, the Python language reference, the one to compare recipe variants on);
 * the tokens trained, the wall time of the training loop and its threads.
 
 Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
@@ -46,17 +46,35 @@ DOMAINS = {
 }
 
 
-def domain_blocks(tokenizer, recipe, args) -> dict:
-    """Token blocks of each domain set: half its documents (a hash split), ``seq_len`` tokens each."""
-    from cqil.recovery.data import heldout_blocks
+def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
+    """Each domain set as ``(blocks, titles)``: every document packed on its own into ``seq_len``-token
+    blocks (a tail shorter than a block is dropped), the document's title beside each row, in file
+    order; ``--other-sequences N`` keeps the first ``N`` blocks."""
+    import torch
 
-    return {
-        name: heldout_blocks(
-            tokenizer, [], [path], seq_len=recipe.train.seq_len, num_sequences=args.other_sequences,
-            heldout_fraction=0.5,
-        )[0]
-        for name, path in DOMAINS.items()
-    }  # fmt: skip
+    from cqil.recovery.data import iter_records, pack_tokens
+
+    sets = {}
+    for name, path in DOMAINS.items():
+        blocks, titles = [], []
+        for text, title in iter_records([path], source_field="meta.title"):
+            rows = pack_tokens(tokenizer, [text], seq_len=recipe.train.seq_len)
+            blocks.append(rows)
+            titles += [title] * len(rows)
+        tokens = torch.cat(blocks)[: args.other_sequences]
+        sets[name] = (tokens, titles[: len(tokens)])
+    return sets
+
+
+def domain_perplexity(model, sets: dict) -> dict[str, dict]:
+    """``{"ppl", "by_document": {title: ppl}}`` of ``model`` on each domain set."""
+    from cqil.evaluation.metrics import perplexity
+
+    out = {}
+    for name, (tokens, titles) in sets.items():
+        r = perplexity(model, tokens, sources=titles, batch_size=8, progress=False)
+        out[name] = {"ppl": r["ppl"], "by_document": {t: v["ppl"] for t, v in r["by_source"].items()}}
+    return out
 
 
 # Step counts that scale with a run's length (warmup, the local phase); checkpoints are off.
@@ -80,11 +98,29 @@ def scaled_overrides(recipe, scale: float, reference_steps: int) -> list[str]:
     return out
 
 
+def domain_row(name: str, originals: dict, r: dict) -> dict:
+    """One domain set's figures in a JSON line; the test set also gets the gap closed per document."""
+    three = originals[name], r["before"][name], r["after"][name]
+    row = {
+        "original": round(three[0]["ppl"], 3),
+        "rewritten": round(three[1]["ppl"], 3),
+        "recovered": round(three[2]["ppl"], 3),
+        "gap_closed": round(gap(*(x["ppl"] for x in three)), 4),
+        "tokens": r["domain_tokens"][name],
+        "documents": r["domain_documents"][name],
+    }
+    if name == "other_domain":
+        row["gap_closed_by_document"] = {
+            title: None if (g := gap(*(x["by_document"][title] for x in three))) is None else round(g, 4)
+            for title in three[2]["by_document"]
+        }
+    return row
+
+
 def child(args) -> None:
     """One recovery run in this process; prints its JSON line."""
     import torch
 
-    from cqil.evaluation.metrics import perplexity
     from cqil.recovery.recipe import load_recipe
     from cqil.recovery.trainer import RecoveryTrainer
 
@@ -105,17 +141,12 @@ def child(args) -> None:
         texts = domain_blocks(trainer.tokenizer, recipe, args)
         student = trainer.model.student
         # The rewritten model before any step, out of domain (the held-out split's is in results).
-        with torch.no_grad():
-            before = {
-                k: perplexity(student, t, batch_size=8, progress=False)["ppl"] for k, t in texts.items()
-            }
+        before = domain_perplexity(student, texts)
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
         results = trainer.finish(lambda *a, **k: None)
-        student.eval()
-        with torch.no_grad():
-            after = {k: perplexity(student, t, batch_size=8, progress=False)["ppl"] for k, t in texts.items()}
+        after = domain_perplexity(student, texts)
     finally:
         trainer.cleanup()
     ppl = {k: results[k]["ppl"] for k in ("original", "parallelized", "recovered")}
@@ -135,7 +166,8 @@ def child(args) -> None:
                 "threads": torch.get_num_threads(),
                 "tokens": results.get("tokens_seen"),
                 "heldout_tokens": results["recovered"]["tokens"],
-                "domain_tokens": {k: int(t.numel()) for k, t in texts.items()},
+                "domain_tokens": {k: int(t.numel()) for k, (t, _) in texts.items()},
+                "domain_documents": {k: len(set(titles)) for k, (_, titles) in texts.items()},
             }
         ),
         flush=True,
@@ -144,19 +176,12 @@ def child(args) -> None:
 
 def original_domains(args) -> dict[str, float]:
     """Perplexity of the untouched model on each domain set (the same for every recipe)."""
-    import torch
-
-    from cqil.evaluation.metrics import perplexity
     from cqil.pretrained import load_model
     from cqil.recovery.recipe import load_recipe
 
     recipe = load_recipe(ROOT / RECIPES[0])
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
-    with torch.no_grad():
-        return {
-            k: perplexity(model, t, batch_size=8, progress=False)["ppl"]
-            for k, t in domain_blocks(tokenizer, recipe, args).items()
-        }
+    return domain_perplexity(model, domain_blocks(tokenizer, recipe, args))
 
 
 def main(argv=None) -> int:
@@ -164,7 +189,12 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
     parser.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1, 2, 4])
     parser.add_argument("--heldout-sequences", type=int, default=48)
-    parser.add_argument("--other-sequences", type=int, default=48)
+    parser.add_argument(
+        "--other-sequences",
+        type=int,
+        default=None,
+        help="blocks of each domain set (default: all of them, every document)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="train.cpu_threads of every run")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     parser.add_argument(
@@ -218,7 +248,8 @@ def main(argv=None) -> int:
                     str(Path(tmp) / "run"),
                 ]
                 cmd += ["--heldout-sequences", str(args.heldout_sequences)]
-                cmd += ["--other-sequences", str(args.other_sequences)]
+                if args.other_sequences is not None:
+                    cmd += ["--other-sequences", str(args.other_sequences)]
                 for s in sets:
                     cmd += ["--set", s]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -245,16 +276,7 @@ def main(argv=None) -> int:
                     },
                     "tokens": r["heldout_tokens"],
                 },
-                **{
-                    k: {
-                        "original": round(originals[k], 3),
-                        "rewritten": round(r["before"][k], 3),
-                        "recovered": round(r["after"][k], 3),
-                        "gap_closed": round(gap(originals[k], r["before"][k], r["after"][k]), 4),
-                        "tokens": r["domain_tokens"][k],
-                    }
-                    for k in DOMAINS
-                },
+                **{k: domain_row(k, originals, r) for k in DOMAINS},
             }
             line = json.dumps(row)
             print(line, flush=True)

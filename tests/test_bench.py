@@ -116,7 +116,7 @@ def test_recovery_quality_one_short_run():
     # cqil_style: LoRA on every layer and bypass none, the branch-by-branch path through adapters.
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "bench/recovery_quality.py", "--recipes", "recipes/cqil_style.yaml"]
-    cmd += ["--scales", "0.05", "--heldout-sequences", "6", "--other-sequences", "6", "--threads", "1"]
+    cmd += ["--scales", "0.05", "--heldout-sequences", "6", "--other-sequences", "30", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,6 +126,11 @@ def test_recovery_quality_one_short_run():
         assert r["original"] < r["rewritten"] and r["recovered"] != r["rewritten"]
         expected = (r["rewritten"] - r["recovered"]) / (r["rewritten"] - r["original"])
         assert r["gap_closed"] == pytest.approx(expected, abs=2e-3)
+    # 30 blocks of the package READMEs, each README packed on its own, reach into the third one.
+    docs = row["other_domain"]
+    assert docs["tokens"] == 30 * 128 and docs["documents"] == 3
+    assert list(docs["gap_closed_by_document"]) == ["accelerate 1.15.0", "datasets 5.2.0", "deepspeed 0.19.8"]
+    assert all(-1 < g < 1 for g in docs["gap_closed_by_document"].values())
     assert set(row["heldout"]["gap_closed_by_source"]) == {
         "RedPajamaWikipedia",
         "RedPajamaBook",
