@@ -184,14 +184,22 @@ def original_domains(args) -> dict[str, float]:
     return domain_perplexity(model, domain_blocks(tokenizer, recipe, args))
 
 
+def block_count(text: str) -> int:
+    """An argparse type: a number of blocks, at least one."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
     parser.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1, 2, 4])
-    parser.add_argument("--heldout-sequences", type=int, default=48)
+    parser.add_argument("--heldout-sequences", type=block_count, default=48)
     parser.add_argument(
         "--other-sequences",
-        type=int,
+        type=block_count,
         default=None,
         help="blocks of each domain set (default: all of them, every document)",
     )

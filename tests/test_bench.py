@@ -152,3 +152,12 @@ def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_over
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["error: <command line>: train.lr=-1: must be > 0; got -1.0"]
+
+
+def test_recovery_quality_refuses_a_count_of_no_blocks():
+    cmd = [sys.executable, "bench/recovery_quality.py", "--other-sequences", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr.strip().splitlines()[-1].endswith("argument --other-sequences: must be at least 1, got 0")
+    )
