@@ -31,6 +31,7 @@ from transformers import (
 )
 
 import cqil
+from cqil.errors import ModelError
 from cqil.export.gguf import check_gguf, export_gguf, permute_qk, unpermute_qk, write_gguf, write_modelfile
 from cqil.export.write import export_model
 from cqil.rewrite.group import apply_rotary
@@ -323,6 +324,25 @@ REFUSALS = {
     ),
     "gelu": (lambda: tiny_model("mistral", hidden_act="gelu"), r"hidden_act 'gelu'"),
 }
+
+
+@pytest.mark.parametrize("bypass", ["lp", "none", "cqil"])
+@pytest.mark.parametrize("gates", ["fixed", "learned"])
+def test_the_writer_takes_what_serving_engines_says_llama_cpp_serves(bypass, gates, tmp_path):
+    """The rule the report and ``cqil plan`` print agrees with what the writer accepts (learned gates
+    as training leaves them: away from 1)."""
+    from cqil.export.engines import serving_engines
+
+    model = cqil.parallelize(tiny_model("llama"), PLAN, bypass=bypass, gates=gates)
+    if gates == "learned":
+        learned_gates_away_from_one(model)
+    try:
+        write_gguf(model, bpe_tokenizer(), tmp_path / "m.gguf", dtype="f32")
+    except ModelError:
+        written = False
+    else:
+        written = True
+    assert written is (serving_engines(bypass, gates)["llama.cpp"] is None)
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))

@@ -227,8 +227,11 @@ def test_report_files_and_recipe_snippet(tmp_path):
     assert data["model"] == "tiny" and data["plan"] == result.plan.to_dict()
     assert len(data["candidates"]) == result.cost["candidates"] == data["rounds"][-1]["candidates"]
     assert data["front"][-1]["depth"] == 6 and [f["depth"] for f in data["front"]] == [7, 6]
-    snippet = yaml.safe_load((out / "plan.yaml").read_text())
-    assert snippet == {"parallelize": {"groups": [list(g) for g in result.plan.groups], "bypass": "lp"}}
+    snippet_text = (out / "plan.yaml").read_text()
+    snippet = yaml.safe_load(snippet_text)
+    groups = [list(g) for g in result.plan.groups]
+    assert snippet == {"parallelize": {"groups": groups, "bypass": "lp", "gates": "fixed"}}
+    assert "# served by transformers, vLLM (cqil plugin), llama.cpp/Ollama (GGUF)\n" in snippet_text
     table = (out / "table.txt").read_text()
     assert "plans meeting target_depth=6" in table and "Pareto front" in table and "1*" in table
     with pytest.raises(FileExistsError, match="not empty"):

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cqil.export.engines import describe_engines
 from cqil.files import check_out_dir, write_atomic
 from cqil.rewrite.plan import GroupPlan
 
@@ -100,8 +101,15 @@ class SearchResult:
             f"  groups: {json.dumps([list(g) for g in self.plan.groups])}",
             f"  bypass: {s.get('bypass', 'lp')}",
         ]
-        if s.get("bypass") == "cqil":
+        bypass = s.get("bypass", "lp")
+        if bypass == "cqil":
             lines.append(f"  bypass_distance: {s.get('bypass_distance', 1)}")
+        # The search measured every gate at the mode's value; with lp, keeping them there is what lets
+        # each group fold into one plain layer, the only form llama.cpp and Ollama run.
+        gates = "fixed" if bypass == "lp" else "learned"
+        if bypass == "lp":
+            lines.append("  gates: fixed")
+        lines.insert(1, f"# {describe_engines(bypass, gates)}")
         return "\n".join(lines) + "\n"
 
     def format_table(self, top: int = 10) -> str:
