@@ -32,3 +32,136 @@ def test_perplexity_restores_training_mode():
 def test_perplexity_rejects_single_token_rows():
     with pytest.raises(ValueError, match="T >= 2"):
         perplexity(make_model("llama"), torch.zeros(3, 1, dtype=torch.long), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- latency
+class FakeClock:
+    """A clock that only the models move: each forward of a model costs it a fixed number of seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, model, seconds: float):
+        def tick(*_):
+            self.now += seconds
+
+        model.register_forward_pre_hook(tick)
+        return model
+
+
+def test_latency_arithmetic_reads_a_known_slowdown_as_one_and_tokens_per_s_agree():
+    from cqil.evaluation.latency import measure_latency
+
+    clock = FakeClock()
+    models = {
+        "original": clock.charge(make_model("llama"), 1.0),
+        "faster": clock.charge(make_model("llama"), 0.8),
+        "slower": clock.charge(make_model("llama"), 1.25),
+    }
+    out = measure_latency(
+        models,
+        prefill_lens=(16, 48),
+        prompt_len=8,
+        new_tokens=4,
+        reps=3,
+        ideal=4 / 3,
+        clock=clock,
+        progress=False,
+    )
+    assert out["prefill_lens"] == [16, 48] and out["modes"] == ["eager"] and out["decode_mode"] == "eager"
+    phases = ("prefill_16", "prefill_48", "decode_eager")
+    for name, expected in (("faster", 1.25), ("slower", 0.8)):
+        speedup = out["speedup"][name]
+        assert speedup["prefill"] == speedup["prefill_16"] and speedup["decode"] == speedup["decode_eager"]
+        for phase in phases:
+            assert speedup[phase] == pytest.approx(expected)
+            tps = out["models"][name]["phases"][phase]["tokens_per_s"]
+            base = out["models"]["original"]["phases"][phase]["tokens_per_s"]
+            assert tps / base == pytest.approx(speedup[phase], rel=1e-4)  # the same medians
+        # (1.25 - 1) / (4/3 - 1) = 0.75 of the ideal gain; a slowdown is a negative share
+        assert out["share_of_ideal"][name]["decode"] == pytest.approx((expected - 1) / (1 / 3), abs=1e-4)
+    original = out["models"]["original"]
+    assert original["prefill_ms"] == pytest.approx(1000.0) and original[
+        "prefill_tokens_per_s"
+    ] == pytest.approx(16)
+    assert original["decode_ms_per_token"] == pytest.approx(1000.0) and original["decode_tokens_per_s"] == 1.0
+    assert out["speedup"]["slower"]["decode"] < 1 < out["speedup"]["faster"]["decode"]
+
+
+def test_speedup_is_the_ratio_of_the_medians_that_give_the_tokens_per_s():
+    from cqil.evaluation.latency import summarize
+
+    # A noisy repetition: the median of per-repetition ratios would say 1.333x, the medians 1.2x.
+    times = {"original": {"prefill_8": [1.0, 1.2, 3.0]}, "model": {"prefill_8": [1.1, 0.9, 1.0]}}
+    out = summarize(times, {"prefill_8": 8}, baseline="original", ideal=1.5)
+    assert out["speedup"]["model"]["prefill_8"] == pytest.approx(1.2)
+    assert out["models"]["model"]["prefill_8"]["tokens_per_s"] / out["models"]["original"]["prefill_8"][
+        "tokens_per_s"
+    ] == pytest.approx(1.2, rel=1e-3)
+    assert out["share_of_ideal"]["model"]["prefill_8"] == pytest.approx(0.4)
+
+
+def test_interleave_alternates_the_order_and_prepares_untimed():
+    from cqil.evaluation.latency import interleave
+
+    calls, clock = [], FakeClock()
+
+    def job(name):
+        def prepare():
+            clock.now += 100.0  # untimed work: never counted
+            return lambda: (calls.append(name), setattr(clock, "now", clock.now + 1.0))
+
+        return prepare
+
+    def timer(fn):
+        start = clock()
+        fn()
+        return clock() - start
+
+    times = interleave({"a": {"p": job("a")}, "b": {"p": job("b")}}, reps=3, timer=timer, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warmup, then a b, b a, a b
+    assert times == {"a": {"p": [1.0] * 3}, "b": {"p": [1.0] * 3}}
+
+
+def test_prefill_lengths_are_capped_by_the_context_and_cuda_graphs_need_cuda():
+    from cqil.evaluation.latency import available_modes, measure_latency, prefill_lengths
+
+    model = make_model("llama")  # a context of 256 tokens
+    assert prefill_lengths(model) == [256]
+    assert prefill_lengths(model, (16, 512, 2048)) == [16, 256]
+    assert available_modes(torch.device("cpu")) == ("eager",)
+    with pytest.raises(ValueError, match="graph"):
+        measure_latency({"m": model}, prefill_lens=(8,), modes=["graph"], progress=False)
+
+
+@pytest.mark.parametrize(("bypass", "gates"), [("lp", "fixed"), ("cqil", "learned"), ("none", "fixed")])
+def test_static_cache_decode_gives_the_eager_tokens_run_after_run(bypass, gates, tmp_path):
+    """The CUDA-graph path's decode step, run eagerly on the CPU: a StaticCache, rewound between runs."""
+    import copy
+
+    import cqil
+    from cqil.evaluation.latency import StaticDecode, eager_tokens
+    from cqil.export.load import load_export
+    from cqil.export.write import export_model
+
+    original = make_model("llama")
+    model = cqil.parallelize(
+        copy.deepcopy(original), cqil.GroupPlan.parse("2-6:2", 8), bypass=bypass, gates=gates
+    )
+    with torch.no_grad():
+        for p in cqil.trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    export_model(model, tmp_path / "model")
+    exported = load_export(tmp_path / "model")
+    prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for m in (original.eval(), model.eval(), exported.eval()):
+            decode = StaticDecode(m, prompt, 6, graph=False)
+            expected = eager_tokens(m, prompt, 6)
+            assert decode.tokens() == expected
+            decode.prepare()()  # a timed run in between: the next run starts from the prompt again
+            assert decode.tokens() == expected
+            assert int(decode.cache.get_seq_length()) == 8 + 6

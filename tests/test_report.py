@@ -195,9 +195,54 @@ def _report(**extra) -> dict:
 
 def test_gap_closed_and_headline():
     assert gap_closed(_report()["perplexity"]) == pytest.approx(0.8)
-    assert headline(_report()) == "80.0 % of the perplexity gap closed, 1.25× faster decode"
+    assert (
+        headline(_report())
+        == "80.0 % of the perplexity gap closed, 1.25× faster decode (eager decode on a CPU)"
+    )
     nothing_lost = {s: {"ppl": 10.0} for s in ("original", "parallelized", "recovered")}
     assert gap_closed(nothing_lost) is None
+
+
+def test_the_latency_section_names_the_mode_the_ideal_and_never_calls_a_slowdown_faster():
+    from cqil.evaluation.report import latency_markdown
+
+    slow = _report()
+    slow["latency"]["speedup"]["recovered"] = {"prefill": 1.02, "decode": 0.96}
+    assert headline(slow).endswith("slower decode: 0.96× the original's speed (eager decode on a CPU)")
+    assert "faster" not in headline(slow)
+    md = "\n".join(latency_markdown(slow))
+    assert "| decode | eager | recovered | 1,000.0 | 1,250.0 | 0.960× (slower) | -12 % |" in md
+    assert "| prefill 16 tokens | – | recovered | 8,000.0 | 10,000.0 | 1.020× | 6 % |" in md
+    assert "L / L_eff = 1.333×" in md and "(speedup − 1) / (ideal − 1)" in md
+    assert "cannot show that gain: on a CPU each core streams the same weights" in md
+    assert "bench/results/gpu-h200.jsonl" in md and "separate devices" not in md
+
+
+def test_the_latency_section_on_a_gpu_reports_every_phase_and_mode():
+    from cqil.evaluation.report import latency_markdown
+
+    gpu = _report()
+    phases = {
+        "prefill_512": {"ms": 20.0, "tokens": 512, "tokens_per_s": 25600.0},
+        "prefill_2048": {"ms": 60.0, "tokens": 2048, "tokens_per_s": 34133.3},
+        "decode_eager": {"ms": 640.0, "tokens": 64, "tokens_per_s": 100.0, "ms_per_token": 10.0},
+        "decode_graph": {"ms": 192.0, "tokens": 64, "tokens_per_s": 333.3, "ms_per_token": 3.0},
+    }
+    faster = {k: dict(v, tokens_per_s=v["tokens_per_s"] * 1.25) for k, v in phases.items()}
+    speedup = {k: 1.25 for k in phases} | {"prefill": 1.25, "decode": 1.25}
+    gpu["latency"] |= {
+        "device": "NVIDIA H200",
+        "device_type": "cuda",
+        "modes": ["eager", "graph"],
+        "decode_mode": "graph",
+        "prefill_lens": [512, 2048],
+        "models": {"original": {"phases": phases}, "recovered": {"phases": faster}},
+        "speedup": {"recovered": speedup},
+    }
+    assert headline(gpu).endswith("1.25× faster decode (CUDA-graph decode on NVIDIA H200)")
+    md = "\n".join(latency_markdown(gpu))
+    assert "| decode | CUDA-graph | recovered | 333.3 | 416.6 | 1.250× | 75 % |" in md
+    assert "| prefill 2,048 tokens | – | recovered |" in md and "cannot show" not in md
 
 
 def test_write_report_writes_json_markdown_and_plots(tmp_path):
@@ -208,7 +253,7 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
     for name in saved["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode.**" in md
+    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode (eager decode on a CPU).**" in md
     assert "| A (60 tokens) | 10.000 | 20.000 | 12.000 | 80.0 % |" in md and "![losses](losses.png)" in md
     with pytest.raises(FileExistsError, match="overwrite"):
         write_report(_report(), out)
@@ -380,7 +425,7 @@ def test_update_model_card_embeds_the_report(exported, tmp_path):
     report_dir = write_report(_report(), tmp_path / "report", history=[{"step": 1, "loss": 1.0}])
     update_model_card(folder, report_dir / "report.json")
     card = (folder / "README.md").read_text()
-    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode.**" in card
+    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode (eager decode on a CPU).**" in card
     assert "![losses](plots/losses.png)" in card and (folder / "plots" / "losses.png").is_file()
     assert "model-index" in card
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))

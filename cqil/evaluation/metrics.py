@@ -3,7 +3,8 @@
 * :func:`perplexity`: held-out perplexity on packed token blocks, overall and per source;
 * :func:`lm_eval_tasks`: lm-eval-harness tasks on an in-memory model (no re-loading), Hub tasks by
   name or the small local tasks shipped in ``data/tasks/`` (:data:`LOCAL_TASKS`);
-* :func:`measure_latency`: prefill and greedy-decode speed of several models, interleaved.
+* :func:`measure_latency`: prefill and decode speed of several models, interleaved, in the decode
+  modes engines use (:mod:`cqil.evaluation.latency`, re-exported here).
 
 :func:`cqil.evaluation.report.write_report` turns their results into the run's report.
 """
@@ -14,18 +15,17 @@ import functools
 import logging
 import math
 import os
-import platform
-import statistics
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cqil._compat import cache_kwargs, output_cache
 from cqil.errors import CqilError, DataNotFoundError
+
+# Latency lives in its own module; its entry points stay importable from here.
+from cqil.evaluation.latency import device_name, measure_latency, time_decode, time_prefill  # noqa: F401
 
 # The local tasks built from the shipped held-out text (data/tasks/build_tasks.py); a source
 # checkout or an editable install finds them here.
@@ -179,124 +179,3 @@ def lm_eval_tasks(
             if "," in key and "stderr" not in metric and isinstance(value, (int, float)):
                 results.setdefault(task, {})[metric] = float(value)
     return results
-
-
-# ---------------------------------------------------------------------------------------------- latency
-
-
-def device_name(device: torch.device) -> str:
-    """A human name of ``device``: the GPU model, or the CPU with the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} thread(s)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_prefill(model, ids: torch.Tensor) -> float:
-    """Seconds of one forward of ``ids`` (batch 1) building the KV cache, last-position logits only."""
-    _sync(ids.device)
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    _sync(ids.device)
-    return time.perf_counter() - start
-
-
-def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Seconds of ``new_tokens`` greedy steps with the KV cache after an untimed prefill of ``prompt``."""
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    _sync(prompt.device)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, use_cache=True, **cache_kwargs(output_cache(out)))
-        token = out.logits[:, -1:].argmax(-1)
-    _sync(prompt.device)
-    return time.perf_counter() - start
-
-
-def measure_latency(
-    models: Mapping[str, torch.nn.Module],
-    *,
-    prefill_len: int = 512,
-    prompt_len: int = 32,
-    new_tokens: int = 64,
-    reps: int = 3,
-    baseline: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Prefill and greedy-decode speed of ``models`` (batch 1), measured side by side.
-
-    Prefill is one forward of ``prefill_len`` tokens building the KV cache; decode is ``new_tokens``
-    greedy steps with the cache after an untimed ``prompt_len``-token prompt. After one warmup
-    round the models alternate within every repetition (forward, then reversed order), so drift in
-    machine load hits all alike. Returns the device, the settings, ``models``: per model the median
-    times and tokens/s, and ``speedup``: per model but ``baseline`` (default the first), the medians
-    of the per-repetition time ratios baseline / model, per phase.
-    """
-    names = list(models)
-    baseline = baseline or names[0]
-    first = next(iter(models.values()))
-    device = next(first.parameters()).device
-    vocab = first.config.get_text_config().vocab_size
-    ids = torch.randint(vocab, (1, prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
-    prompt = ids[:, :prompt_len]
-    times = {name: {"prefill": [], "decode": []} for name in names}
-    modes = {name: m.training for name, m in models.items()}
-    try:
-        with torch.inference_mode():
-            for model in models.values():
-                model.eval()
-                time_prefill(model, ids)
-                time_decode(model, prompt, min(new_tokens, 4))
-            for rep in tqdm(range(reps), desc="latency", unit="rep", disable=not progress):
-                for name in names if rep % 2 == 0 else names[::-1]:
-                    times[name]["prefill"].append(time_prefill(models[name], ids))
-                    times[name]["decode"].append(time_decode(models[name], prompt, new_tokens))
-    finally:
-        for name, model in models.items():
-            model.train(modes[name])
-    out = {
-        "device": device_name(device),
-        "prefill_len": prefill_len,
-        "new_tokens": new_tokens,
-        "reps": reps,
-        "baseline": baseline,
-    }
-    out["models"] = {}
-    for name in names:
-        prefill, decode = statistics.median(times[name]["prefill"]), statistics.median(times[name]["decode"])
-        out["models"][name] = {
-            "prefill_ms": round(prefill * 1e3, 3),
-            "prefill_tokens_per_s": round(prefill_len / prefill, 2),
-            "decode_ms_per_token": round(decode * 1e3 / new_tokens, 3),
-            "decode_tokens_per_s": round(new_tokens / decode, 2),
-        }
-    out["speedup"] = {
-        name: {
-            phase: round(
-                statistics.median(
-                    a / b for a, b in zip(times[baseline][phase], times[name][phase], strict=True)
-                ),
-                4,
-            )
-            for phase in ("prefill", "decode")
-        }
-        for name in names
-        if name != baseline
-    }
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- all of it
