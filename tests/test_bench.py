@@ -16,29 +16,28 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.integration
 def test_merged_vs_original_tiny():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "bench/merged_vs_original.py", "--model", "tiny", "--reps", "2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = [sys.executable, "bench/merged_vs_original.py", "--model", "tiny", "--reps", "2", "--no-engines"]
+    cmd += ["--prefill-lens", "64", "128", "--new-tokens", "8", "--exported"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert {"model", "plan", "prefill_speedup", "decode_speedup", "ideal", "prefill_ms", "decode_ms"} <= set(
-        summary
-    )
-    assert {"threads", "reps"} <= set(summary)
-    assert (
-        summary["model"] == "tiny"
-        and summary["reps"] == 2
-        and summary["ideal"] == pytest.approx(8 / 6, abs=1e-4)
-    )
-    assert set(summary["prefill_ms"]) == set(summary["decode_ms"]) == {"original", "merged"}
-    assert summary["prefill_speedup"] > 0 and summary["decode_speedup"] > 0
-    assert sum(line.startswith("rep ") for line in lines) == 2
+    assert summary["model"] == "tiny" and summary["reps"] == 2 and summary["decode_mode"] == "eager"
+    assert summary["ideal"] == pytest.approx(8 / 6, abs=1e-4) and summary["prefill_lens"] == [64, 128]
+    names = {"merged_lp_fixed", "merged_cqil_learned", "merged_lp_fixed_exported"}
+    assert set(summary["speedup"]) == set(summary["share_of_ideal"]) == names
+    assert set(summary["prefill_ms"]) == set(summary["decode_ms"]) == {"original"} | names
+    for name in names:
+        speed, share, tps = summary["speedup"][name], summary["share_of_ideal"][name], summary["tokens_per_s"]
+        assert set(speed) == {"prefill", "decode", "prefill_64", "prefill_128", "decode_eager"}
+        for phase in ("prefill_64", "prefill_128", "decode_eager"):  # the ratio is that of the tokens/s
+            assert tps[name][phase] / tps["original"][phase] == pytest.approx(speed[phase], rel=1e-3)
+            assert share[phase] == pytest.approx((speed[phase] - 1) / (8 / 6 - 1), abs=2e-3)
+    assert summary["decode_speedup"] == summary["speedup"]["merged_lp_fixed"]["decode_eager"]
+    table = "\n".join(lines)
+    assert "share of ideal gain" in table and "merged_lp_fixed_exported" in table and "1.20-1.46x" in table
+    rows = [line for line in lines if line.startswith("merged_cqil_learned ")]
+    assert len(rows) == 3 and all("1.333x" in row for row in rows)
 
 
 LLAMA_PYTHON = REPO / ".venv-llama" / "bin" / "python"
@@ -121,7 +120,7 @@ def test_recovery_quality_one_short_run():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["recipe"] == "cqil_style" and row["tokens"] == 3 * 512 and row["threads"] == 1
-    for text in ("heldout", "other_domain", "dev_domain"):
+    for text in ("heldout", "other_domain", "dev_domain", "dialogue", "science_docs", "project_readmes"):
         r = row[text]
         assert r["original"] < r["rewritten"] and r["recovered"] != r["rewritten"]
         expected = (r["rewritten"] - r["recovered"]) / (r["rewritten"] - r["original"])
@@ -131,6 +130,12 @@ def test_recovery_quality_one_short_run():
     assert docs["tokens"] == 30 * 128 and docs["documents"] == 3
     assert list(docs["gap_closed_by_document"]) == ["accelerate 1.15.0", "datasets 5.2.0", "deepspeed 0.19.8"]
     assert all(-1 < g < 1 for g in docs["gap_closed_by_document"].values())
+    for frozen in ("dialogue", "science_docs", "project_readmes"):
+        assert row[frozen]["tokens"] == 30 * 128 and len(row[frozen]["gap_closed_by_document"]) >= 1
+    pooled = row["out_of_domain"]
+    assert pooled["sets"] == ["other_domain", "dialogue", "science_docs", "project_readmes"]
+    assert pooled["gap_closed_by_set"] == {k: row[k]["gap_closed"] for k in pooled["sets"]}
+    assert pooled["gap_closed_min"] == min(pooled["gap_closed_by_set"].values())
     assert set(row["heldout"]["gap_closed_by_source"]) == {
         "RedPajamaWikipedia",
         "RedPajamaBook",
@@ -152,6 +157,40 @@ def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_over
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["error: <command line>: train.lr=-1: must be > 0; got -1.0"]
+
+
+def test_recovery_quality_pools_the_test_sets_by_tokens_and_leaves_the_dev_set_out():
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def measured(**ppl_tokens):
+        return {k: {"ppl": p, "nll": math.log(p), "tokens": t} for k, (p, t) in ppl_tokens.items()}
+
+    originals = measured(other_domain=(10.0, 300), dialogue=(20.0, 100), dev_domain=(5.0, 1000))
+    before = measured(other_domain=(20.0, 300), dialogue=(40.0, 100), dev_domain=(50.0, 1000))
+    after = measured(other_domain=(12.0, 300), dialogue=(30.0, 100), dev_domain=(5.0, 1000))
+    row = bench.pooled_row(originals, {"before": before, "after": after})
+    assert row["sets"] == ["other_domain", "dialogue"]
+    assert row["gap_closed_by_set"] == {"other_domain": 0.8, "dialogue": 0.5}
+    assert row["gap_closed_min"] == 0.5
+    # Pooled over 400 tokens: exp((300 ln 10 + 100 ln 20) / 400) and so on, not the mean of the sets.
+    pooled = [
+        math.exp((300 * math.log(a) + 100 * math.log(b)) / 400) for a, b in ((10, 20), (20, 40), (12, 30))
+    ]
+    assert row["original"] == round(pooled[0], 3) and row["recovered"] == round(pooled[2], 3)
+    assert row["gap_closed"] == round((pooled[1] - pooled[2]) / (pooled[1] - pooled[0]), 4)
+    assert row["gap_closed"] != round((0.8 + 0.5) / 2, 4)
+
+
+def test_recovery_quality_refuses_an_unknown_set():
+    cmd = [sys.executable, "bench/recovery_quality.py", "--domains", "news"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "argument --domains: invalid choice: 'news'" in proc.stderr
 
 
 def test_recovery_quality_refuses_a_count_of_no_blocks():
