@@ -23,8 +23,8 @@ waits for its slowest thread, which penalizes the variant with more operations (
 its share of the load; pass ``--threads`` to use more on a quiet machine. Each variant lives in its
 own process, so that its memory is its own; all processes are built and warmed up first, then take
 one timed step at a time in turn (the order rotating every round), so that drifting load on a shared
-machine hits all of them alike. A speedup is the median over rounds of the ratio of step times
-within the round; tokens/s come from the median step time (the best is reported too). Peak memory is
+machine hits all of them alike. A speedup is the ratio of the median step times, the medians the tokens/s
+come from (the best step is reported too). Peak memory is
 the highest over rounds of the process's peak resident set size (``VmHWM``, reset before each step;
 on CUDA the allocator's peak). ``ours`` and ``naive`` compute the same losses: their first losses
 (same weights, same batch) must agree to float32 rounding; later steps drift apart slowly, as Adam
@@ -44,7 +44,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ import threading
 import time
 
 import torch
+from _common import Timer, emit, median, ratio_of_medians
 
 VARIANTS = ("ours", "naive", "cqil_style")
 EXTRA_VARIANTS = ("ours_unfused",)
@@ -71,8 +71,13 @@ def build(args):
     return model.train()
 
 
-def make_step(args, variant):
-    """(model, step): ``step(input_ids)`` runs forward, backward and the optimizer and returns the loss."""
+def make_step(args, variant, device="cpu"):
+    """(model, step, modules): ``step(input_ids)`` runs forward, backward and the optimizer and returns the
+    loss; ``modules`` are all the step runs.
+
+    Everything the step runs is on ``device``: the student, and the teacher (the ``RecoveryModel``'s
+    copies of the grouped layers, or ``naive``'s whole copy), as the trainer's ``accelerator.prepare``
+    of the whole ``RecoveryModel`` places them."""
     from cqil.recovery.lora import apply_lora
     from cqil.recovery.losses import kd_loss, lm_loss
     from cqil.recovery.model import RecoveryModel
@@ -97,9 +102,10 @@ def make_step(args, variant):
         params = list(trainable_parameters(model).values())
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)  # as RecoveryTrainer builds it
+    model.to(device)  # in place: the parameters keep their identity, so ``params`` follow
 
     if variant == "naive":
+        teacher_model.to(device)
 
         def loss_fn(ids):
             logits = model(ids).logits
@@ -108,12 +114,14 @@ def make_step(args, variant):
             loss = kd_loss(logits, teacher)
             return loss + args.lm_weight * lm_loss(logits, ids) if args.lm_weight else loss
     else:
-        rm = RecoveryModel(model, teacher_layers, kd=1.0, lm=args.lm_weight).train()
+        rm = RecoveryModel(model, teacher_layers, kd=1.0, lm=args.lm_weight).to(device).train()
         rm.adapters_outside_groups = variant == "cqil_style"
         rm.fused_head_losses = variant != "ours_unfused"
 
         def loss_fn(ids):
             return rm(ids)["loss"]
+
+    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)  # as RecoveryTrainer builds it
 
     def step(ids):
         loss = loss_fn(ids)
@@ -122,7 +130,7 @@ def make_step(args, variant):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return model, step
+    return model, step, [model, teacher_model if variant == "naive" else rm]
 
 
 def _status_gb(key: str) -> float:
@@ -180,22 +188,22 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runtime_gb = _status_gb("VmRSS") if device == "cpu" else 0.0  # the libraries, no model yet
-    model, step = make_step(args, args.worker)
-    model.to(device)
+    model, step, _ = make_step(args, args.worker, device)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), generator=g).to(device)
     loss = step(batch)  # warm-up: allocator, kernels, optimizer state
     print(json.dumps({"ready": True, "loss": loss, "runtime_gb": runtime_gb}), flush=True)
+    timer, losses = Timer(device), []
+
+    def run():
+        losses.append(step(batch))
+
     for line in sys.stdin:
         if line.strip() != "step":
             break
         with PeakMemory(device) as mem:
-            start = time.perf_counter()
-            loss = step(batch)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-        print(json.dumps({"seconds": seconds, "peak_gb": mem.peak, "loss": loss}), flush=True)
+            seconds = timer(run)
+        print(json.dumps({"seconds": seconds, "peak_gb": mem.peak, "loss": losses[-1]}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -334,8 +342,8 @@ def main() -> None:
         seconds = [x["seconds"] for x in rounds[v]]
         peak = max(x["peak_gb"] for x in rounds[v])
         results[v] = {
-            "tok_s": args.batch * args.seq_len / statistics.median(seconds),
-            "s_per_step": statistics.median(seconds),
+            "tok_s": args.batch * args.seq_len / median(seconds),
+            "s_per_step": median(seconds),
             "s_per_step_best": min(seconds),
             "s_per_step_rounds": [round(x, 4) for x in seconds],
             "peak_mem_gb": peak,
@@ -353,10 +361,8 @@ def main() -> None:
         )
     ours, naive, cqil = results["ours"], results["naive"], results["cqil_style"]
 
-    def speedup(other: str) -> float:
-        return statistics.median(
-            b["seconds"] / a["seconds"] for a, b in zip(rounds["ours"], rounds[other], strict=True)
-        )
+    def speedup(other: str) -> float:  # from the same medians as the tokens/s
+        return ratio_of_medians([x["seconds"] for x in rounds[other]], [x["seconds"] for x in rounds["ours"]])
 
     summary = {
         "speedup_vs_naive": speedup("naive"),
@@ -385,7 +391,7 @@ def main() -> None:
     }
     if torch.cuda.is_available():
         summary["setup"]["memory"] = "torch.cuda.max_memory_allocated per step"
-    print(json.dumps(summary))
+    emit(summary)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,3 +201,58 @@ def test_recovery_quality_refuses_a_count_of_no_blocks():
     assert (
         proc.stderr.strip().splitlines()[-1].endswith("argument --other-sequences: must be at least 1, got 0")
     )
+
+
+def test_gpu_latency_smoke_runs_the_library_timing_on_tiny_shapes(monkeypatch, capsys):
+    """bench/gpu_latency.py --smoke: the GPU script's every section, on the CPU, in seconds."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    gpu_latency = importlib.import_module("gpu_latency")
+    gpu_latency.main(["--smoke"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    sections = [line["section"] for line in lines]
+    assert sections == ["env", "correctness", "correctness", "correctness", "latency", "done"]
+    for check in lines[1:4]:
+        assert "error" not in check, check
+        assert check["merged_vs_branches_rel_fp32"] < 1e-5 and check["cached_eq_recompute_float32"]
+    latency = lines[4]
+    assert "error" not in latency, latency
+    assert latency["modes"] == ["eager"] and latency["prefill_lens"] == [16, 64]
+    assert latency["ideal_depth"] == {
+        "2-6:2_lp_fixed": 1.3333,
+        "2-6:2_cqil_learned": 1.3333,
+        "2-8:3_lp_fixed": 2.0,
+    }
+    for variant, speedup in latency["speedup"].items():
+        assert set(speedup) == {"prefill_16", "prefill_64", "decode_eager"}
+        for phase, x in speedup.items():
+            ms = latency["median_ms"]
+            assert x == pytest.approx(ms["original"][phase] / ms[variant][phase], rel=2e-3)
+            ideal = latency["ideal_depth"][variant]
+            assert latency["share_of_ideal"][variant][phase] == pytest.approx((x - 1) / (ideal - 1), abs=2e-3)
+
+
+def test_bench_scripts_share_the_library_timing():
+    """One timing path: no bench script but the vLLM ones keeps its own timer or interleaving loop."""
+    mine = ["merged_vs_original.py", "gpu_latency.py"]
+    for name in mine:
+        text = (REPO / "bench" / name).read_text()
+        assert "from _common import" in text and "perf_counter" not in text and "statistics" not in text, name
+
+
+@pytest.mark.parametrize("variant", ["ours", "naive", "cqil_style"])
+def test_recovery_step_puts_the_whole_step_on_the_device(variant, monkeypatch):
+    """The student and its teacher (the RecoveryModel's layer copies, naive's whole copy) move together:
+    on the meta device here, as they must on CUDA."""
+    import argparse
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    recovery_step = importlib.import_module("recovery_step")
+    args = argparse.Namespace(model="tiny", groups="2-6:2", dtype="float32", lm_weight=0.0)
+    model, _, modules = recovery_step.make_step(args, variant, torch.device("meta"))
+    assert model in modules and len(modules) == 2
+    for module in modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            assert tensor.device.type == "meta", f"{variant}: {name} stayed on {tensor.device}"
