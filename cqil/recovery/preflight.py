@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cqil.errors import ModelError, ModelNotFoundError, OutputDirError, RecipeError
-from cqil.recovery import checkpoint, fingerprint
+from cqil.recovery import checkpoint, fingerprint, run_lock
 from cqil.recovery.checkpoint import list_checkpoints
 from cqil.recovery.recipe import Recipe
 
@@ -161,7 +161,11 @@ def check_run(trainer: RecoveryTrainer) -> None:
     check_data(recipe, source)
     trainer.fingerprint = fingerprint.run_fingerprint(recipe, trainer.accelerator.num_processes)
     trainer.marker = fingerprint.read_marker(out)
-    if trainer.marker is None and out.is_dir() and any(p.name not in LAUNCHER_LOGS for p in out.iterdir()):
+    if (
+        trainer.marker is None
+        and out.is_dir()
+        and any(p.name not in LAUNCHER_LOGS and not run_lock.is_lock_file(p.name) for p in out.iterdir())
+    ):
         raise OutputDirError(
             f"output_dir {out} is not empty and is not a cqil run (no {fingerprint.MARKER}); "
             "choose a new output_dir"

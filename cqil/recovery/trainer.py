@@ -34,7 +34,7 @@ from torch import nn
 
 from cqil._compat import unset_zero3_init
 from cqil.errors import RecipeError
-from cqil.recovery import checkpoint, preflight, sharded
+from cqil.recovery import checkpoint, preflight, run_lock, sharded
 from cqil.recovery.auto_plan import search_run_plan
 from cqil.recovery.checkpoint import NonFiniteWeightsError, Preempted, list_checkpoints, state_digest
 from cqil.recovery.finish import finish_run, write_run_report
@@ -131,8 +131,11 @@ class RecoveryTrainer:
         )
 
     def _setup_checks(self) -> None:
-        """Bad input fails here, in one line (:func:`cqil.recovery.preflight.check_run`)."""
-        preflight.check_run(self)
+        """Bad input fails here, in one line (:func:`cqil.recovery.preflight.check_run`); then the main
+        process claims output_dir for the whole run, or refuses a live run's (:mod:`cqil.recovery.run_lock`)."""
+        self.claim, _ = run_lock.claim_checked(
+            self.output_dir, self.accelerator, lambda: preflight.check_run(self), log=self.log
+        )
         self.accelerator.wait_for_everyone()  # all ranks have read output_dir before the marker is written
 
     def _setup_run_folder(self) -> None:
@@ -470,6 +473,8 @@ class RecoveryTrainer:
         if hasattr(self, "accelerator"):
             # Without this, about one multi-process run in six aborts at exit.
             self.accelerator.end_training()
+        if getattr(self, "claim", None) is not None:  # last: output_dir is this run's to its very end
+            self.claim.release()
 
     # -------------------------------------------------------------- logging
     def log(self, line: str, bar=None) -> None:
