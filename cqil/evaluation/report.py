@@ -288,8 +288,8 @@ def latency_markdown(report: Mapping) -> list[str]:
         if _on_cpu(latency):
             lines += [
                 "This hardware cannot show that gain: on a CPU each core streams the same weights whatever "
-                "the depth, so batch-1 decode of the merged form reads about 1.0× the original here; see the "
-                "GPU figures above for the depth reduction at work.",
+                "the depth, so batch-1 decode of the merged form can at best match the original here (about "
+                "1.0×); the GPU figures above show the depth reduction at work.",
                 "",
             ]
         elif "graph" not in (latency.get("modes") or []):
