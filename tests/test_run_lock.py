@@ -258,8 +258,8 @@ def test_claim_checked_checks_then_claims(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     calls = []
-    held = run_lock.claim_checked(out, OneProcess(), lambda: calls.append(1))
-    assert calls == [1] and (out / LOCK_NAME).is_file()
+    held, checked = run_lock.claim_checked(out, OneProcess(), lambda: calls.append(1) or "checked")
+    assert calls == [1] and checked == "checked" and (out / LOCK_NAME).is_file()
     with pytest.raises(ClaimRefused):  # refused before the checks, which would read a busy folder
         run_lock.claim_checked(out, OneProcess(), lambda: calls.append(2))
     assert calls == [1]
@@ -270,7 +270,7 @@ def test_claim_checked_checks_then_claims(tmp_path):
         if len(calls) == 2:
             (out / "cqil_run.json").write_text("{}")
 
-    held = run_lock.claim_checked(out, OneProcess(), check_while_another_run_writes)
+    held, _ = run_lock.claim_checked(out, OneProcess(), check_while_another_run_writes)
     assert calls == [1, 3, 3]  # checked again, under the claim
     held.release()
 
@@ -302,7 +302,7 @@ from cqil.errors import CqilError
 from cqil.recovery.run_lock import claim_checked
 acc = Accelerator()
 try:
-    held = claim_checked(sys.argv[1], acc, lambda: None)
+    held, _ = claim_checked(sys.argv[1], acc, lambda: None)
 except CqilError as e:
     os.write(1, f"rank {acc.process_index} refused: {e}\\n".encode())  # one write: lines never interleave
     sys.exit(2)

@@ -36,6 +36,7 @@ uses (only the main process claims; the other ranks receive its verdict).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
@@ -48,6 +49,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from cqil.errors import CqilError, OutputDirError, StorageError
 
@@ -152,8 +154,10 @@ def read_claim(path: Path) -> tuple[dict | None, float] | None:
     """
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        raise StorageError(f"cannot read the claim {path} ({e.strerror or e})") from None
     try:
         age = max(0.0, time.time() - os.fstat(fd).st_mtime)
         raw = b""
@@ -278,6 +282,9 @@ class Claim:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="cqil-run-lock", daemon=True)
         self._thread.start()
+        atexit.register(
+            self.release
+        )  # an exit that skips the owner's cleanup; not SIGKILL: see the heartbeat
 
     def _still_mine(self) -> bool:
         found = read_claim(self.path)
@@ -301,6 +308,7 @@ class Claim:
         if self._stop.is_set() or os.getpid() != self.pid:  # a forked child never releases its parent's
             return
         self._stop.set()
+        atexit.unregister(self.release)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with contextlib.suppress(OSError):
@@ -504,22 +512,25 @@ def _verdict_of(action: Callable[[], object]) -> tuple[dict, object]:
         return {"error": f"the main process failed to claim the output folder: {e!r}", "kind": "bug"}, e
 
 
+Checked = TypeVar("Checked")
+
+
 def claim_checked(
-    output_dir: str | os.PathLike, accelerator, check: Callable[[], None], *, log=None
-) -> Claim | None:
+    output_dir: str | os.PathLike, accelerator, check: Callable[[], Checked], *, log=None
+) -> tuple[Claim | None, Checked]:
     """Check a run's input and claim ``output_dir`` for it, on every rank of ``accelerator``.
 
     In order: the main process refuses a folder held by a live run (reading only); every rank runs
     ``check`` (bad input, one error, nothing written); the main process claims the folder; the other
     ranks receive its verdict and refuse with the same message when it refuses. If the folder changed
     between ``check`` and the claim (a holder that just stopped), ``check`` runs again under the claim.
-    Returns the claim on the main process, None on the others.
+    Returns the claim (on the main process; None on the others) and what the last ``check`` returned.
     """
     out, main = Path(output_dir), accelerator.is_main_process
     verdict, _ = _verdict_of(lambda: refuse_if_claimed(out)) if main else (None, None)
     _raise_verdict(_share(accelerator, verdict))
     before = folder_state(out) if main else None
-    check()
+    checked = check()
     held = bug = None
     if main:
         verdict, result = _verdict_of(lambda: claim(out, log=log))
@@ -534,9 +545,9 @@ def claim_checked(
     _raise_verdict(verdict)
     if verdict.get("changed"):
         try:
-            check()
+            checked = check()
         except BaseException:
             if held is not None:
                 held.release()
             raise
-    return held
+    return held, checked
