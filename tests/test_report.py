@@ -22,7 +22,7 @@ from cqil.evaluation.metrics import (
     perplexity,
     task_manager,
 )
-from cqil.evaluation.report import gap_closed, headline, read_history, write_report
+from cqil.evaluation.report import gap_closed, headline, read_history, render_markdown, write_report
 from cqil.export.load import load_export
 from cqil.export.write import export_model
 from cqil.recovery.data import heldout_blocks
@@ -108,6 +108,12 @@ def test_lm_eval_runs_on_the_in_memory_model_and_agrees_with_a_direct_computatio
     ) / len(docs)
     assert set(results) == {"tiny_choice"}
     assert results["tiny_choice"]["acc"] == pytest.approx(expected)
+    # The size and the standard error beside the accuracy: the harness's mean_stderr over the 0/1 scores.
+    from lm_eval.api.metrics import mean_stderr
+
+    assert results["tiny_choice"]["samples"] == len(docs)
+    scores = [1.0] * round(expected * len(docs)) + [0.0] * (len(docs) - round(expected * len(docs)))
+    assert results["tiny_choice"]["acc_stderr"] == pytest.approx(mean_stderr(scores))
 
 
 @pytest.mark.integration
@@ -197,10 +203,85 @@ def test_gap_closed_and_headline():
     assert gap_closed(_report()["perplexity"]) == pytest.approx(0.8)
     assert (
         headline(_report())
-        == "80.0 % of the perplexity gap closed, 1.25× faster decode (eager decode on a CPU)"
+        == "80 % of the perplexity gap closed on the held-out text; 1.25× faster decode (eager decode on a CPU)"
     )
     nothing_lost = {s: {"ppl": 10.0} for s in ("original", "parallelized", "recovered")}
     assert gap_closed(nothing_lost) is None
+
+
+def _stage_results(*ppls, source="A", tokens=100) -> dict:
+    """``perplexity()``-shaped results of the three stages, one source."""
+    out = {}
+    for stage, p in zip(("original", "parallelized", "recovered"), ppls, strict=True):
+        numbers = {"ppl": p, "nll": math.log(p), "tokens": tokens}
+        out[stage] = {**numbers, "by_source": {source: dict(numbers)}}
+    return out
+
+
+def test_a_run_headline_leads_with_the_text_it_did_not_train_on():
+    from cqil.evaluation.report import build_report
+
+    heldout = _stage_results(10.0, 20.0, 9.0, source="RedPajamaBook")
+    other = _stage_results(25.0, 41.0, 29.0, source="ProjectReadmes", tokens=300)
+    for stage in heldout:
+        heldout[stage]["other_domain"] = {**other[stage], "dataset": "data/other_domain/x.jsonl.gz"}
+    plan = _report()["plan"]
+    report = build_report(base_model="m", plan=plan, perplexity_results=heldout, datasets=["train.jsonl"])
+    assert report["other_domain_gap_closed"] == pytest.approx(0.75)
+    assert report["gap_closed"] == pytest.approx(1.1)
+    assert report["other_domain_by_source"]["ProjectReadmes"]["recovered"]["ppl"] == 29.0
+    assert report["other_domain_dataset"] == "data/other_domain/x.jsonl.gz"
+    assert headline(report) == (
+        "75 % of the perplexity gap closed on text the run did not train on (recovered perplexity 29.00, "
+        "original 25.00; `data/other_domain/x.jsonl.gz`); 110 % on the in-domain held-out split of the "
+        "training sources"
+    )
+    md = render_markdown(report)
+    ood, ind = md.index("### Out-of-domain perplexity"), md.index("### Perplexity on in-domain held-out")
+    assert ood < ind
+    assert "| ProjectReadmes (300 tokens) | 25.00 | 41.00 | 29.00 | 75 % |" in md
+    assert "| RedPajamaBook (100 tokens) | 10.00 | 20.00 | 9.00 | 110 % |" in md
+    assert (
+        "- Perplexity on text the run did not train on: original 25.00, parallelized 41.00, recovered 29.00."
+        in md
+    )
+    # Without out-of-domain text a run's headline says that its figure is in-domain and what to set.
+    for stage in heldout:
+        del heldout[stage]["other_domain"]
+    alone = build_report(base_model="m", plan=plan, perplexity_results=heldout, datasets=["train.jsonl"])
+    assert "other_domain" not in alone
+    assert headline(alone) == (
+        "110 % of the perplexity gap closed on the in-domain held-out split of the training sources "
+        "(no text outside the training sources measured: eval.other_domain)"
+    )
+
+
+def test_the_lm_eval_section_prints_each_task_size_and_standard_error():
+    from cqil.evaluation.report import build_report
+
+    lm_eval = {
+        stage: {
+            "mc": {
+                "acc": acc,
+                "acc_stderr": 0.0221,
+                "acc_norm": 0.4,
+                "acc_norm_stderr": 0.0219,
+                "samples": 500,
+            },
+            "lw": {"perplexity": 123.456, "acc": 0.25, "acc_stderr": 0.0194, "samples": 500},
+        }
+        for stage, acc in (("original", 0.438), ("parallelized", 0.424), ("recovered", 0.418))
+    }
+    settings = {"tasks": ["mc", "lw"], "limit": None, "num_fewshot": None}
+    report = build_report(base_model="m", plan=_report()["plan"], lm_eval=lm_eval, lm_eval_settings=settings)
+    assert report["lm_eval_samples"] == {"mc": 500, "lw": 500}
+    assert "samples" not in report["lm_eval"]["original"]["mc"]
+    md = render_markdown(report)
+    assert "| task | examples | metric | original | parallelized | recovered |" in md
+    assert "| mc | 500 | acc | 0.438 ± 0.022 | 0.424 ± 0.022 | 0.418 ± 0.022 |" in md
+    assert "| mc | 500 | acc_norm | 0.400 ± 0.022 |" in md
+    assert "| lw | 500 | perplexity | 123.46 | 123.46 | 123.46 |" in md
+    assert "acc_stderr" not in md and "± one standard error" in md
 
 
 def test_the_latency_section_names_the_mode_the_ideal_and_never_calls_a_slowdown_faster():
@@ -255,8 +336,11 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
     for name in saved["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode (eager decode on a CPU).**" in md
-    assert "| A (60 tokens) | 10.000 | 20.000 | 12.000 | 80.0 % |" in md and "![losses](losses.png)" in md
+    assert (
+        "**80 % of the perplexity gap closed on the held-out text; 1.25× faster decode (eager decode on a CPU).**"
+        in md
+    )
+    assert "| A (60 tokens) | 10.00 | 20.00 | 12.00 | 80 % |" in md and "![losses](losses.png)" in md
     with pytest.raises(FileExistsError, match="overwrite"):
         write_report(_report(), out)
     write_report(_report(gap_closed=None), out, overwrite=True)
@@ -427,7 +511,10 @@ def test_update_model_card_embeds_the_report(exported, tmp_path):
     report_dir = write_report(_report(), tmp_path / "report", history=[{"step": 1, "loss": 1.0}])
     update_model_card(folder, report_dir / "report.json")
     card = (folder / "README.md").read_text()
-    assert "**80.0 % of the perplexity gap closed, 1.25× faster decode (eager decode on a CPU).**" in card
+    assert (
+        "**80 % of the perplexity gap closed on the held-out text; 1.25× faster decode (eager decode on a CPU).**"
+        in card
+    )
     assert "![losses](plots/losses.png)" in card and (folder / "plots" / "losses.png").is_file()
     assert "model-index" in card
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))

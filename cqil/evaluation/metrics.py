@@ -1,6 +1,7 @@
 """Evaluation of original, parallelized and recovered models.
 
 * :func:`perplexity`: held-out perplexity on packed token blocks, overall and per source;
+  :func:`document_blocks` packs text the run did not train on (``eval.other_domain``) for it;
 * :func:`lm_eval_tasks`: lm-eval-harness tasks on an in-memory model (no re-loading), Hub tasks by
   name or the small local tasks shipped in ``data/tasks/`` (:data:`LOCAL_TASKS`);
 * :func:`measure_latency`: prefill and decode speed of several models, interleaved, in the decode
@@ -91,6 +92,36 @@ def perplexity(
     return result
 
 
+def document_blocks(
+    tokenizer,
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    seq_len: int,
+    source_field: str | None = "meta.redpajama_set_name",
+    text_field: str = "text",
+) -> tuple[torch.LongTensor, list[str]]:
+    """Every document of the files under ``paths``, each packed on its own into ``seq_len``-token blocks
+    (a tail shorter than a block is dropped), and each block's source label (the file's name where a
+    record has none), in file order: the whole of a set, with no block spanning two documents.
+
+    Raises :class:`~cqil.errors.DataNotFoundError` for a path that matches nothing and
+    :class:`~cqil.errors.DataError` when no document fills a block.
+    """
+    from cqil.errors import DataError
+    from cqil.recovery.data import expand_paths, iter_records, pack_tokens
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    blocks, labels = [], []
+    for file in expand_paths(paths):
+        for text, source in iter_records([file], source_field=source_field, text_field=text_field):
+            rows = pack_tokens(tokenizer, [text], seq_len=seq_len)
+            blocks.append(rows)
+            labels += [source or file.name] * len(rows)
+    if not labels:
+        raise DataError(f"{', '.join(map(str, paths))}: no document of {seq_len} tokens or more")
+    return torch.cat(blocks), labels
+
+
 # ---------------------------------------------------------------------------------------------- lm-eval
 
 
@@ -138,8 +169,10 @@ def lm_eval_tasks(
     """Run lm-eval-harness ``tasks`` on the in-memory ``model``; returns ``{task: {metric: value}}``.
 
     Metric names are the harness's without the filter suffix (``"acc"``, ``"acc_norm"``,
-    ``"perplexity"``); standard errors are left out. ``limit`` caps the examples per task (a count,
-    or a fraction below 1). Unknown task names raise :class:`UnknownTaskError` before anything runs.
+    ``"perplexity"``). Each accuracy (a mean of 0/1 scores: :data:`BINARY_METRICS`) has its standard
+    error beside it as ``"<metric>_stderr"``, and ``"samples"`` is the number of examples the task
+    ran. ``limit`` caps the examples per task (a count, or a fraction below 1). Unknown task names
+    raise :class:`UnknownTaskError` before anything runs.
     """
     if not tasks:
         return {}
@@ -173,9 +206,29 @@ def lm_eval_tasks(
         logger.setLevel(level)
         model.train(was_training)
     results: dict[str, dict[str, float]] = {}
+    counts = (out or {}).get("n-samples", {})
     for task, metrics in (out or {}).get("results", {}).items():
+        n = (counts.get(task) or {}).get("effective") or metrics.get("sample_len")
         for key, value in metrics.items():
             metric, _, _ = key.partition(",")
             if "," in key and "stderr" not in metric and isinstance(value, (int, float)):
                 results.setdefault(task, {})[metric] = float(value)
+                if metric in BINARY_METRICS and n and n > 1:
+                    results[task][f"{metric}_stderr"] = binary_stderr(float(value), int(n))
+        if task in results and n:
+            results[task]["samples"] = int(n)
     return results
+
+
+# Metrics that are the mean of a 0/1 score per example.
+BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match"})
+
+
+def binary_stderr(mean: float, n: int) -> float:
+    """Standard error of the mean of ``n`` scores of 0 or 1 whose mean is ``mean``: the harness's own
+    ``mean_stderr`` (sample standard deviation over the square root of n) in closed form.
+
+    The harness computes it only when bootstrapping is on (``bootstrap_iters > 0``), which would also
+    bootstrap the perplexity metrics at a cost of minutes per task; for a 0/1 score the closed form
+    is the same number, ``sqrt(p (1 - p) / (n - 1))``."""
+    return math.sqrt(max(mean * (1 - mean), 0.0) / (n - 1))

@@ -21,9 +21,15 @@ when it was not measured:
 ``gap_closed``
     ``(ppl_parallelized - ppl_recovered) / (ppl_parallelized - ppl_original)``: the fraction of the
     perplexity lost by the rewrite that training won back (1.0: all of it).
+``other_domain``, ``other_domain_by_source``, ``other_domain_gap_closed``, ``other_domain_gap_closed_by_source``
+    the same on text the run did not train on (the recipe's ``eval.other_domain``: every document,
+    each packed on its own), split by the records' source label; ``other_domain_dataset`` names it.
+    The headline leads with these when they were measured.
 ``lm_eval``
     ``{stage: {task: {metric: value}}}`` from lm-eval-harness (metric names without the harness's
-    filter suffix, no standard errors); ``lm_eval_settings`` holds ``{"tasks", "limit", "num_fewshot"}``.
+    filter suffix); each accuracy has its standard error as ``"<metric>_stderr"``;
+    ``lm_eval_samples`` is ``{task: examples run}`` and ``lm_eval_settings``
+    ``{"tasks", "limit", "num_fewshot"}``.
 ``latency``
     batch-1 speed of the original and the recovered model measured side by side
     (:func:`cqil.evaluation.latency.measure_latency`): ``{"device", "device_type", "dtype", "prefill_lens",
@@ -87,35 +93,65 @@ def build_report(
     lm_eval: Mapping | None = None,
     lm_eval_settings: Mapping | None = None,
     latency: Mapping | None = None,
+    other_domain_dataset: str | None = None,
     **extra,
 ) -> dict:
     """The ``report.json`` content (schema above) from what was measured; both the trainer and
     ``cqil evaluate`` build their reports here, so the two always have the same shape.
 
-    ``perplexity_results`` are :func:`cqil.evaluation.metrics.perplexity` results by stage; ``extra``
-    are further top-level keys of the schema (``steps``, ``tokens_trained``, ``datasets``, ...).
+    ``perplexity_results`` are :func:`cqil.evaluation.metrics.perplexity` results by stage, each with
+    the perplexity on the out-of-domain text under ``"other_domain"`` when it was measured (and the
+    text's name under its ``"dataset"``, unless ``other_domain_dataset`` gives it); ``extra`` are
+    further top-level keys of the schema (``steps``, ``tokens_trained``, ``datasets``, ...).
     """
     report: dict = {"schema_version": SCHEMA_VERSION, "base_model": base_model, "plan": plan}
     if perplexity_results:
-        report["perplexity"] = {
-            stage: {n: perplexity_results[stage][n] for n in ("ppl", "nll", "tokens")}
-            for stage in STAGES
-            if stage in perplexity_results
-        }
-        report["perplexity_by_source"] = by_source(perplexity_results)
-        report["gap_closed"] = gap_closed(report["perplexity"])
-        report["gap_closed_by_source"] = {
-            source: gap_closed(numbers) for source, numbers in report["perplexity_by_source"].items()
-        }
+        report |= _perplexity_entries(perplexity_results, HELDOUT_KEYS)
+        other = {s: r["other_domain"] for s, r in perplexity_results.items() if r.get("other_domain")}
+        if other:
+            report |= _perplexity_entries(other, OTHER_DOMAIN_KEYS)
+            named = [r.get("dataset") for r in other.values() if r.get("dataset")]
+            report["other_domain_dataset"] = other_domain_dataset or (named[0] if named else None)
     if eval_dataset is not None:
         report["eval_dataset"] = eval_dataset
     if lm_eval:
-        report["lm_eval"] = dict(lm_eval)
+        samples = {}
+        report["lm_eval"] = {}
+        for stage, tasks in lm_eval.items():
+            report["lm_eval"][stage] = {}
+            for task, metrics in (tasks or {}).items():
+                if "samples" in metrics:
+                    samples.setdefault(task, metrics["samples"])
+                report["lm_eval"][stage][task] = {m: v for m, v in metrics.items() if m != "samples"}
+        if samples:
+            report["lm_eval_samples"] = samples
         report["lm_eval_settings"] = dict(lm_eval_settings or {})
     if latency is not None:
         report["latency"] = dict(latency)
     report |= {k: v for k, v in extra.items() if v is not None}
     return report
+
+
+# The report's keys for one text's perplexity: by stage, by source, the gap closed, and by source.
+HELDOUT_KEYS = ("perplexity", "perplexity_by_source", "gap_closed", "gap_closed_by_source")
+OTHER_DOMAIN_KEYS = (
+    "other_domain",
+    "other_domain_by_source",
+    "other_domain_gap_closed",
+    "other_domain_gap_closed_by_source",
+)
+
+
+def _perplexity_entries(results: Mapping[str, Mapping], keys: Sequence[str]) -> dict:
+    """One text's perplexity by stage and by source, and the gap closed, under ``keys``."""
+    ppl = {
+        stage: {n: results[stage][n] for n in ("ppl", "nll", "tokens")}
+        for stage in STAGES
+        if stage in results
+    }
+    sources = by_source(results)
+    closed = {source: gap_closed(numbers) for source, numbers in sources.items()}
+    return dict(zip(keys, (ppl, sources, gap_closed(ppl), closed), strict=True))
 
 
 def gap_closed(perplexity: Mapping) -> float | None:
@@ -138,19 +174,63 @@ def by_source(results: Mapping[str, Mapping]) -> dict[str, dict[str, dict]]:
     return out
 
 
-def headline(report: Mapping) -> str:
-    """ "X % of the perplexity gap closed, Y× faster decode (mode, device)" (the parts that were measured)."""
+IN_DOMAIN = "the in-domain held-out split of the training sources"
+OTHER_DOMAIN = "text the run did not train on"
+
+
+def percent(fraction: float | None) -> str:
+    """A share of the gap to the whole percent: its noise (which tokens, which run) is larger."""
+    return "–" if fraction is None else f"{100 * fraction:.0f} %"
+
+
+def heldout_text(report: Mapping) -> str:
+    """What the held-out perplexity was measured on: a run's held-out split of its own sources
+    (``datasets`` names them), or the text ``cqil evaluate`` was given."""
+    return IN_DOMAIN if report.get("datasets") is not None else "the held-out text"
+
+
+def perplexity_clauses(report: Mapping) -> list[str]:
+    """The headline's perplexity part: out of domain first (gap closed and recovered perplexity),
+    then the held-out split, labelled as in-domain; a run without out-of-domain text says so."""
     parts = []
+    other = report.get("other_domain") or {}
+    if "recovered" in other:
+        recovered, original = other["recovered"]["ppl"], (other.get("original") or {}).get("ppl")
+        against = "" if original is None else f", original {original:.2f}"
+        name = report.get("other_domain_dataset")
+        what = f"{OTHER_DOMAIN} (recovered perplexity {recovered:.2f}{against}" + (
+            f"; `{name}`)" if name else ")"
+        )
+        closed = report.get("other_domain_gap_closed")
+        parts.append(
+            f"{percent(closed)} of the perplexity gap closed on {what}" if closed is not None else what
+        )
     closed = report.get("gap_closed")
     if closed is not None:
-        parts.append(f"{100 * closed:.1f} % of the perplexity gap closed")
+        where = heldout_text(report)
+        if parts:
+            parts.append(f"{percent(closed)} on {where}")
+        else:
+            unmeasured = " (no text outside the training sources measured: eval.other_domain)"
+            parts.append(
+                f"{percent(closed)} of the perplexity gap closed on {where}"
+                + (unmeasured if where == IN_DOMAIN else "")
+            )
+    return parts
+
+
+def headline(report: Mapping) -> str:
+    """The gap closed out of domain, then in domain, then the decode speed (the parts that were measured):
+    "X % of the perplexity gap closed on text the run did not train on (...); Y % on the in-domain
+    held-out split of the training sources; Z× faster decode (mode, device)"."""
+    parts = perplexity_clauses(report)
     decode = latency_clause(report.get("latency") or {})
     if decode is not None:
         parts.append(decode)
     if not parts:
         ppl = (report.get("perplexity") or {}).get("recovered", {}).get("ppl")
-        parts.append(f"recovered perplexity {ppl:.3f}" if ppl is not None else "no results")
-    return ", ".join(parts)
+        parts.append(f"recovered perplexity {ppl:.2f}" if ppl is not None else "no results")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- latency
@@ -321,41 +401,15 @@ def _num(value, digits: int = 3) -> str:
 def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
     """The report's tables and plots as Markdown lines (the body of ``report.md`` and of the model card)."""
     lines: list[str] = []
-    ppl = report.get("perplexity") or {}
-    stages = [s for s in STAGES if s in ppl]
-    if stages:
-        where = f" on `{report['eval_dataset']}`" if report.get("eval_dataset") else ""
-        tokens = next(iter(ppl.values())).get("tokens")
-        lines += [f"### Perplexity{where} ({tokens:,} tokens, lower is better)", ""]
-        # The share of each text's rewrite loss won back: sources recover unequally.
-        closed = (report.get("gap_closed_by_source") or {}) if report.get("gap_closed") is not None else None
-        gap = [] if closed is None else ["gap closed"]
-
-        def pct(value):
-            return [] if closed is None else ["–" if value is None else f"{100 * value:.1f} %"]
-
-        rows = [["all", *[_num(ppl[s]["ppl"]) for s in stages], *pct(report.get("gap_closed"))]]
-        for source, numbers in (report.get("perplexity_by_source") or {}).items():
-            n = next(iter(numbers.values())).get("tokens")
-            rows.append(
-                [
-                    f"{source} ({n:,} tokens)",
-                    *[_num(numbers.get(s, {}).get("ppl")) for s in stages],
-                    *pct(None if closed is None else closed.get(source)),
-                ]
-            )
-        lines += _table(["text", *stages, *gap], rows)
-    lm_eval = report.get("lm_eval") or {}
-    lm_stages = [s for s in STAGES if s in lm_eval]
-    if lm_stages:
-        settings = report.get("lm_eval_settings") or {}
-        limit = settings.get("limit")
-        note = f", at most {limit} examples per task" if limit else ""
-        shots = settings.get("num_fewshot") or 0
-        lines += [f"### lm-eval-harness ({shots}-shot{note})", ""]
-        keys = list(dict.fromkeys((t, m) for s in lm_stages for t, ms in lm_eval[s].items() for m in ms))
-        rows = [[t, m, *[_num(lm_eval[s].get(t, {}).get(m), 4) for s in lm_stages]] for t, m in keys]
-        lines += _table(["task", "metric", *lm_stages], rows)
+    if report.get("other_domain"):
+        name = report.get("other_domain_dataset")
+        title = f"Out-of-domain perplexity, {OTHER_DOMAIN}" + (f" (`{name}`)" if name else "")
+        lines += _perplexity_table(title, report, OTHER_DOMAIN_KEYS)
+    if report.get("perplexity"):
+        where = f" (`{report['eval_dataset']}`)" if report.get("eval_dataset") else ""
+        text = heldout_text(report).removeprefix("the ")
+        lines += _perplexity_table(f"Perplexity on {text}{where}", report, HELDOUT_KEYS)
+    lines += lm_eval_markdown(report)
     lines += latency_markdown(report)
     names = [p for p in report.get("plots", [])]
     if names:
@@ -363,6 +417,76 @@ def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
         lines += [f"![{Path(p).stem}]({plot_dir}{p})" for p in names]
         lines += [""]
     return lines
+
+
+def _perplexity_table(title: str, report: Mapping, keys: Sequence[str]) -> list[str]:
+    """One text's perplexity by stage, overall and by source, with the gap closed: two decimals of
+    perplexity and whole percents, the precision a few thousand tokens support."""
+    ppl_key, sources_key, closed_key, closed_by_source_key = keys
+    ppl = report.get(ppl_key) or {}
+    stages = [s for s in STAGES if s in ppl]
+    if not stages:
+        return []
+    tokens = next(iter(ppl.values())).get("tokens")
+    lines = [f"### {title}", "", f"{tokens:,} predicted tokens; lower is better.", ""]
+    # The share of each text's rewrite loss won back: sources recover unequally.
+    closed = (report.get(closed_by_source_key) or {}) if report.get(closed_key) is not None else None
+    gap = [] if closed is None else ["gap closed"]
+
+    def pct(value):
+        return [] if closed is None else [percent(value)]
+
+    rows = [["all", *[_num(ppl[s]["ppl"], 2) for s in stages], *pct(report.get(closed_key))]]
+    for source, numbers in (report.get(sources_key) or {}).items():
+        n = next(iter(numbers.values())).get("tokens")
+        rows.append(
+            [
+                f"{source} ({n:,} tokens)",
+                *[_num(numbers.get(s, {}).get("ppl"), 2) for s in stages],
+                *pct(None if closed is None else closed.get(source)),
+            ]
+        )
+    return lines + _table(["text", *stages, *gap], rows)
+
+
+def _with_stderr(metrics: Mapping, metric: str) -> str:
+    value = metrics.get(metric)
+    if value is None:
+        return "–"
+    if metric == "perplexity" or metric.endswith("perplexity"):
+        return _num(value, 2)
+    stderr = metrics.get(f"{metric}_stderr")
+    return f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+
+def lm_eval_markdown(report: Mapping) -> list[str]:
+    """The lm-eval section: each task's size and each accuracy with its standard error."""
+    lm_eval = report.get("lm_eval") or {}
+    stages = [s for s in STAGES if s in lm_eval]
+    if not stages:
+        return []
+    settings = report.get("lm_eval_settings") or {}
+    samples = report.get("lm_eval_samples") or {}
+    limit = settings.get("limit")
+    note = f", at most {limit} examples per task" if limit else ""
+    shots = settings.get("num_fewshot") or 0
+    keys = list(
+        dict.fromkeys(
+            (t, m) for s in stages for t, ms in lm_eval[s].items() for m in ms if not m.endswith("_stderr")
+        )
+    )
+    rows = [
+        [t, _num(samples.get(t), 0), m, *[_with_stderr(lm_eval[s].get(t, {}), m) for s in stages]]
+        for t, m in keys
+    ]
+    return [
+        f"### lm-eval-harness ({shots}-shot{note})",
+        "",
+        "Accuracies ± one standard error over the task's examples (the three models answer the same "
+        "examples: a difference within about two standard errors is noise).",
+        "",
+        *_table(["task", "examples", "metric", *stages], rows),
+    ]
 
 
 def render_markdown(report: Mapping) -> str:
@@ -378,13 +502,14 @@ def render_markdown(report: Mapping) -> str:
         ]
     if report.get("tokens_trained") is not None:
         lines.append(f"- Trained {report.get('steps', 0)} steps on {report['tokens_trained']:,} tokens.")
-    ppl = report.get("perplexity") or {}
-    if all(s in ppl for s in STAGES):
-        lines.append(
-            "- Held-out perplexity: original {:.3f}, parallelized {:.3f}, recovered {:.3f}.".format(
-                *(ppl[s]["ppl"] for s in STAGES)
+    for key, text in (("other_domain", OTHER_DOMAIN), ("perplexity", heldout_text(report))):
+        ppl = report.get(key) or {}
+        if all(s in ppl for s in STAGES):
+            lines.append(
+                "- Perplexity on {}: original {:.2f}, parallelized {:.2f}, recovered {:.2f}.".format(
+                    text.removeprefix("the "), *(ppl[s]["ppl"] for s in STAGES)
+                )
             )
-        )
     lines += ["", *results_markdown(report)]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -435,11 +560,12 @@ def losses_png(history: Sequence[Mapping]) -> bytes:
 
 
 def perplexity_png(perplexity: Mapping, sources: Mapping) -> bytes:
-    """Grouped bars: perplexity of the three stages, overall and for each source."""
+    """Grouped bars: perplexity of the three stages, on the held-out text overall ("held-out") and for
+    each group of ``sources``."""
     from matplotlib.figure import Figure
 
     stages = [s for s in STAGES if s in perplexity]
-    groups = {"all": perplexity, **sources}
+    groups = {"held-out": perplexity, **sources}
     fig = Figure(figsize=(1.8 + 1.6 * len(groups), 3.8), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(stages), 1)
@@ -449,7 +575,7 @@ def perplexity_png(perplexity: Mapping, sources: Mapping) -> bytes:
         bars = ax.bar(xs, ys, width, label=stage, color=_STAGE_COLORS[stage])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(groups)), [g.removeprefix("RedPajama") for g in groups], fontsize=8)
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel("perplexity")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
@@ -528,9 +654,10 @@ def write_report(
     if history:
         pngs["losses.png"] = losses_png(history)
     if report.get("perplexity"):
-        pngs["perplexity.png"] = perplexity_png(
-            report["perplexity"], report.get("perplexity_by_source") or {}
-        )
+        sources = dict(report.get("perplexity_by_source") or {})
+        if report.get("other_domain"):  # beside the held-out sources: the text the run did not train on
+            sources["out of domain"] = report["other_domain"]
+        pngs["perplexity.png"] = perplexity_png(report["perplexity"], sources)
     if report.get("perplexity") and (report.get("latency") or report.get("plan_search")):
         pngs["quality_latency.png"] = quality_latency_png(report)
     report["plots"] = list(pngs)
