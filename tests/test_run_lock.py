@@ -335,3 +335,17 @@ def test_only_the_main_process_claims_and_every_rank_hears_its_verdict(tmp_path)
     lines = sorted(line for line in refused.stdout.splitlines() if line.startswith("rank"))
     assert [line.split(":")[0] for line in lines] == ["rank 0 refused", "rank 1 refused"]
     assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]  # the same message on every rank
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_evaluate_and_export_do_not_write_into_a_live_run(tmp_path, capsys, command):
+    from cqil.cli import main
+
+    out = tmp_path / "run"
+    with claim(out, heartbeat_s=5):
+        before = files(out)
+        target = out / ("evaluation" if command == "evaluate" else "model")
+        assert main([command, str(tmp_path / "anything"), "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"cqil: error: output_dir {out} is in use by another run: pid {os.getpid()}")
+        assert "\n" not in err and files(out) == before

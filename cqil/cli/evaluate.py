@@ -42,7 +42,9 @@ def add_evaluate_parser(subparsers) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from cqil.evaluation.evaluate import evaluate
     from cqil.evaluation.report import headline
+    from cqil.recovery.run_lock import refuse_if_claimed
 
+    refuse_if_claimed(args.out)  # a report folder inside a live run's output_dir waits for its end
     check_data_paths(args.data)
     report = evaluate(
         args.model,

@@ -87,6 +87,10 @@ def run_export(args: argparse.Namespace) -> int:
         raise UsageError("nothing to do: give --out DIR, --push-to-hub ORG/NAME, or both")
     if (args.private or args.revision) and not args.push_to_hub:
         raise UsageError("--private and --revision only apply with --push-to-hub ORG/NAME")
+    if args.out:
+        from cqil.recovery.run_lock import refuse_if_claimed
+
+        refuse_if_claimed(args.out)  # never write into a live run's output_dir (its model/, say)
 
     checkpoint = Path(args.checkpoint)
     model = load_export(checkpoint)
