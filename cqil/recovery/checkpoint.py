@@ -6,6 +6,10 @@ and ``trainer_state.json``. It is written under a hidden temporary name and rena
 listed checkpoint is always complete. ``checksums.json`` (the SHA-256 of every other file, DeepSpeed's
 sub-folder included) is written last; a resume verifies the latest checkpoint and falls back to the
 newest intact one. No checkpoint is written of weights that are not finite or have exploded.
+
+Each function takes what it reads (the :class:`TrainingState` of tensors and their optimizer, the
+run's :class:`~cqil.recovery.state.RunState` counters, the processes, ``output_dir``, a log) and
+returns what it produced; none knows the trainer.
 """
 
 from __future__ import annotations
@@ -18,18 +22,34 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from cqil.errors import CheckpointError, StorageError
-
-if TYPE_CHECKING:
-    from cqil.recovery.trainer import RecoveryTrainer
+from cqil.recovery.progress import Log
+from cqil.recovery.sharded import gathered_digest
+from cqil.recovery.state import Processes, RunState
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class TrainingState:
+    """The tensors a checkpoint holds, and what steps them: the trainable weights (by name), the
+    optimizer and schedule, the data stream, and under DeepSpeed its engine, which saves and loads
+    the weights and the optimizer state itself."""
+
+    trainable: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: Any  # state_dict() / load_state_dict(): cqil.recovery.stream.TokenStream
+    engine: Any = None  # the DeepSpeed engine; None without DeepSpeed
 
 
 def state_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -40,6 +60,23 @@ def state_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()
+
+
+def weights_digest(named: dict[str, torch.Tensor]) -> str:
+    """:func:`state_digest`, with partitioned (ZeRO-3) parameters gathered one at a time."""
+    partitioned = any(hasattr(p, "ds_id") for p in named.values())
+    return (gathered_digest if partitioned else state_digest)(named)
+
+
+def trainable_state(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """CPU copies of the trainable weights, by name: what a checkpoint without DeepSpeed saves."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in trainable.items()}
+
+
+def frozen_weights(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Every parameter of ``model`` that is not in ``trainable``: what must stay bit-identical."""
+    ids = {id(p) for p in trainable.values()}
+    return {n: p for n, p in model.named_parameters() if id(p) not in ids}
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -142,25 +179,24 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def latest_intact(trainer: RecoveryTrainer) -> Path | None:
+def latest_intact(output_dir: Path, processes: Processes, log: Log) -> Path | None:
     """The newest checkpoint that verifies, warning about each damaged one above it (main process decides)."""
     from accelerate.utils import broadcast_object_list
 
-    acc = trainer.accelerator
-    found = list_checkpoints(trainer.output_dir)
+    found = list_checkpoints(output_dir)
     choice = [None]
-    if acc.is_main_process and found:
+    if processes.is_main_process and found:
         for path in reversed(found):
             why = damage(path)
             if why is None:
                 choice = [str(path)]
                 break
-            trainer.log(f"cqil: warning: checkpoint {path} is damaged ({why}); trying the one before it")
-    if acc.num_processes > 1:
+            log(f"cqil: warning: checkpoint {path} is damaged ({why}); trying the one before it")
+    if processes.num_processes > 1:
         broadcast_object_list(choice)
     if found and choice[0] is None:
         raise CheckpointError(
-            f"no intact checkpoint under {trainer.output_dir / 'checkpoints'} (all {len(found)} are damaged); "
+            f"no intact checkpoint under {Path(output_dir) / 'checkpoints'} (all {len(found)} are damaged); "
             "choose a new output_dir"
         )
     return Path(choice[0]) if choice[0] else None
@@ -184,17 +220,18 @@ def max_abs(tensors) -> float:
     return float(local)
 
 
-def check_weights(trainer: RecoveryTrainer) -> None:
-    """Refuse to save non-finite or exploded trainable weights (see EXPLODED_FACTOR)."""
-    largest = max_abs(trainer.trainable.values())
-    limit = EXPLODED_FACTOR * max(1.0, trainer.start_max_abs)
+def check_weights(trainable: Iterable[torch.Tensor], run: RunState, output_dir: Path) -> None:
+    """Refuse to save non-finite or exploded trainable weights (see EXPLODED_FACTOR); the error names
+    the newest checkpoint of ``output_dir`` at or before ``run.step``."""
+    largest = max_abs(trainable)
+    limit = EXPLODED_FACTOR * max(1.0, run.start_max_abs)
     if math.isfinite(largest) and largest <= limit:
         return
     what = (
         "are not finite" if not math.isfinite(largest) else f"exploded (max |w| {largest:.3g} > {limit:.3g})"
     )
-    good = [p for p in list_checkpoints(trainer.output_dir) if int(p.name.split("-")[1]) <= trainer.step]
-    raise NonFiniteWeightsError(trainer.step, what, good[-1] if good else None)
+    good = [p for p in list_checkpoints(output_dir) if int(p.name.split("-")[1]) <= run.step]
+    raise NonFiniteWeightsError(run.step, what, good[-1] if good else None)
 
 
 def _storage_error(path: Path, e: OSError) -> StorageError:
@@ -202,67 +239,85 @@ def _storage_error(path: Path, e: OSError) -> StorageError:
     return StorageError(f"cannot write {path}: {cause}")
 
 
-def save_checkpoint(trainer: RecoveryTrainer) -> Path:
-    """Write the full training state to ``checkpoints/step-NNNNNN/`` (via a temporary name, checksums last)."""
-    check_weights(trainer)
-    acc = trainer.accelerator
-    root = trainer.output_dir / "checkpoints"
-    final = root / checkpoint_name(trainer.step)
+def save_checkpoint(
+    output_dir: Path,
+    training: TrainingState,
+    run: RunState,
+    processes: Processes,
+    *,
+    fingerprint: dict,
+    keep: int,
+    log: Log,
+) -> Path:
+    """Write the full training state to ``output_dir/checkpoints/step-NNNNNN/`` (via a temporary name,
+    checksums last), keep the newest ``keep`` checkpoints; returns the new one's path."""
+    check_weights(training.trainable.values(), run, output_dir)
+    root = Path(output_dir) / "checkpoints"
+    final = root / checkpoint_name(run.step)
     tmp = root / f".{final.name}.tmp"
+    main = processes.is_main_process
     try:
-        if acc.is_main_process:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        if trainer.is_deepspeed:
-            trainer.engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
-        elif acc.is_main_process:
+        processes.wait_for_everyone()
+        if training.engine is not None:
+            training.engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+        elif main:
             from safetensors.torch import save_file
 
-            save_file(trainer._trainable_state(), str(tmp / "trainable.safetensors"))
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-        rank_state = {"stream": trainer.stream.state_dict(), **rng_state()}
-        torch.save(rank_state, tmp / f"rank-{acc.process_index:03d}.pt")
-        if acc.is_main_process:
-            torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+            save_file(trainable_state(training.trainable), str(tmp / "trainable.safetensors"))
+            torch.save(training.optimizer.state_dict(), tmp / "optimizer.pt")
+        rank_state = {"stream": training.stream.state_dict(), **rng_state()}
+        torch.save(rank_state, tmp / f"rank-{processes.process_index:03d}.pt")
+        if main:
+            torch.save(training.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {
-                "step": trainer.step,
-                "tokens_seen": trainer.tokens_seen,
-                "world_size": acc.num_processes,
-                "start_max_abs": trainer.start_max_abs,
-                "fingerprint": trainer.fingerprint,
+                "step": run.step,
+                "tokens_seen": run.tokens_seen,
+                "world_size": processes.num_processes,
+                "start_max_abs": run.start_max_abs,
+                "fingerprint": fingerprint,
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+        processes.wait_for_everyone()
+        if main:
             (tmp / CHECKSUMS).write_text(json.dumps(file_checksums(tmp), indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _storage_error(tmp, e) from e
-    if acc.is_main_process:
-        for old in list_checkpoints(trainer.output_dir)[: -trainer.recipe.train.keep_checkpoints]:
+    if main:
+        for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        trainer.log(f"cqil: checkpoint {final}")
-    acc.wait_for_everyone()
+        log(f"cqil: checkpoint {final}")
+    processes.wait_for_everyone()
     return final
 
 
-def resume(trainer: RecoveryTrainer, path: Path, *, reset_optimizer: bool = False) -> None:
-    """Restore everything :func:`save_checkpoint` wrote; training continues bit-exactly.
+def resume(
+    path: Path,
+    training: TrainingState,
+    run: RunState,
+    processes: Processes,
+    *,
+    reset_optimizer: bool = False,
+    log: Log,
+) -> RunState:
+    """Restore everything :func:`save_checkpoint` wrote into ``training`` (in place) and return the
+    counters it recorded (``run``'s where the checkpoint has none); training continues bit-exactly.
 
     ``reset_optimizer``: the weights, step, data position and RNG only; the optimizer and scheduler
     stay as the new recipe built them, the scheduler moved on to the resumed step."""
-    acc = trainer.accelerator
     state = json.loads((path / "trainer_state.json").read_text())
-    if state["world_size"] != acc.num_processes:
+    if state["world_size"] != processes.num_processes:
         raise CheckpointError(
             f"{path} was written by {state['world_size']} processes; resume with the same number, "
-            f"not {acc.num_processes}"
+            f"not {processes.num_processes}"
         )
-    if trainer.is_deepspeed:
-        trainer.engine.load_checkpoint(
+    if training.engine is not None:
+        training.engine.load_checkpoint(
             str(path),
             tag="deepspeed",
             load_module_strict=False,
@@ -273,35 +328,40 @@ def resume(trainer: RecoveryTrainer, path: Path, *, reset_optimizer: bool = Fals
         from safetensors.torch import load_file
 
         saved = load_file(str(path / "trainable.safetensors"))
-        missing = set(trainer.trainable) ^ set(saved)
+        missing = set(training.trainable) ^ set(saved)
         if missing:
             raise CheckpointError(
                 f"{path}: trainable weights do not match this recipe: {sorted(missing)[:5]}"
             )
         with torch.no_grad():
-            for name, param in trainer.trainable.items():
+            for name, param in training.trainable.items():
                 param.copy_(saved[name])
         if not reset_optimizer:
-            trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler = trainer.scheduler
+            training.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler = training.scheduler
     if reset_optimizer:  # what `step` calls of scheduler.step() give, without an optimizer step before them
         scheduler.last_epoch = state["step"]
         lrs = [
             base * fn(state["step"])
             for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         ]
-        for group, lr in zip(trainer.optimizer.param_groups, lrs, strict=True):
+        for group, lr in zip(training.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         scheduler._last_lr = lrs
     else:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rank_state = torch.load(path / f"rank-{acc.process_index:03d}.pt", weights_only=True)
-    trainer.stream.load_state_dict(rank_state["stream"])
+    rank_state = torch.load(path / f"rank-{processes.process_index:03d}.pt", weights_only=True)
+    training.stream.load_state_dict(rank_state["stream"])
     set_rng_state(rank_state)
-    trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
-    trainer.start_max_abs = state.get("start_max_abs", trainer.start_max_abs)
+    resumed = replace(
+        run,
+        step=state["step"],
+        tokens_seen=state["tokens_seen"],
+        start_max_abs=state.get("start_max_abs", run.start_max_abs),
+    )
     how = " with a fresh optimizer and schedule (train.resume=reset_optimizer)" if reset_optimizer else ""
-    trainer.log(f"cqil: resumed from {path} at step {trainer.step}{how}")
+    log(f"cqil: resumed from {path} at step {resumed.step}{how}")
+    return resumed
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -1,26 +1,46 @@
-"""Measurements of a recovery run's models: held-out perplexity and lm-eval tasks, logged as they finish."""
+"""Measurements of a recovery run's models: held-out perplexity and lm-eval tasks, logged as they finish.
+
+:func:`prepare_eval` returns the run's :class:`HeldOut` set; the measurements take it, the model and
+the recipe's ``eval`` settings, and return their results.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from cqil.errors import RecipeError
+from cqil.recovery.progress import Log
+from cqil.recovery.recipe import EvalConfig, Recipe
 
-if TYPE_CHECKING:
-    from cqil.recovery.trainer import RecoveryTrainer
+
+@dataclass
+class HeldOut:
+    """What a run measures its models on: the held-out sequences, each one's source label, and the
+    lm-eval task manager of the recipe's tasks (None without tasks)."""
+
+    tokens: torch.Tensor
+    sources: list[str]
+    task_manager: Any = None
 
 
-def prepare_eval(trainer: RecoveryTrainer) -> None:
-    """The held-out sequences (``trainer.eval_tokens``, ``eval_sources``), and the lm-eval tasks checked
-    (an unknown one fails now, not after training)."""
+def before_label(mode: str) -> str:
+    """What the "parallelized" (before training) entry of a run's results measured, by ``parallelize.mode``."""
+    return "coalesced" if mode == "coalesce" else "parallelized"
+
+
+def prepare_eval(recipe: Recipe, source: str, tokenizer) -> HeldOut:
+    """The held-out sequences, and the lm-eval tasks checked (an unknown one fails now, not after
+    training, as a :class:`RecipeError` naming ``source``'s key)."""
     from cqil.recovery.data import heldout_blocks
 
-    recipe, data = trainer.recipe, trainer.recipe.data
-    trainer.eval_tokens, trainer.eval_sources = heldout_blocks(
-        trainer.tokenizer,
+    data = recipe.data
+    tokens, sources = heldout_blocks(
+        tokenizer,
         data.train,
         data.eval,
         seq_len=recipe.train.seq_len,
@@ -30,55 +50,58 @@ def prepare_eval(trainer: RecoveryTrainer) -> None:
         text_field=data.text_field,
         hub_split=data.hub_split,
     )
+    heldout = HeldOut(tokens, sources)
     if recipe.eval.tasks:
         from cqil.evaluation.metrics import UnknownTaskError, check_tasks, task_manager
 
         try:
-            trainer.task_manager = task_manager(recipe.eval.task_paths)
-            check_tasks(recipe.eval.tasks, trainer.task_manager)
+            heldout.task_manager = task_manager(recipe.eval.task_paths)
+            check_tasks(recipe.eval.tasks, heldout.task_manager)
         except (UnknownTaskError, FileNotFoundError) as e:
             key = "eval.task_paths" if isinstance(e, FileNotFoundError) else "eval.tasks"
-            raise RecipeError(trainer.source, key, str(e)) from None
+            raise RecipeError(source, key, str(e)) from None
+    return heldout
 
 
-def run_perplexity(trainer: RecoveryTrainer, model: nn.Module, label: str) -> dict:
+def run_perplexity(model: nn.Module, heldout: HeldOut, *, batch_size: int, label: str, log: Log) -> dict:
+    """Perplexity of ``model`` on the held-out sequences, overall and by source, logged under ``label``."""
     from cqil.evaluation.metrics import perplexity
 
     t0 = time.time()
     result = perplexity(
         model,
-        trainer.eval_tokens,
-        sources=trainer.eval_sources,
-        batch_size=trainer.recipe.eval.batch_size,
+        heldout.tokens,
+        sources=heldout.sources,
+        batch_size=batch_size,
         progress=False,
     )
     result["seconds"] = round(time.time() - t0, 1)
     sources = ", ".join(f"{k} {v['ppl']:.3f}" for k, v in result["by_source"].items())
-    trainer.log(
-        f"cqil: held-out perplexity, {label}: {result['ppl']:.3f} ({result['tokens']} tokens; {sources})"
-    )
+    log(f"cqil: held-out perplexity, {label}: {result['ppl']:.3f} ({result['tokens']} tokens; {sources})")
     return result
 
 
-def run_lm_eval(trainer: RecoveryTrainer, model: nn.Module, stage: str) -> None:
-    """lm-eval-harness tasks of the recipe on ``model`` (main process; the others go on)."""
-    settings = trainer.recipe.eval
-    if not settings.tasks or not trainer.accelerator.is_main_process:
-        return
+def run_lm_eval(
+    model: nn.Module, tokenizer, settings: EvalConfig, *, task_manager, stage: str, log: Log
+) -> dict | None:
+    """The recipe's lm-eval-harness tasks (``settings.tasks``) on ``model``: task -> metric -> value,
+    or None without tasks. The caller runs it on the main process alone."""
+    if not settings.tasks:
+        return None
     from cqil.evaluation.metrics import lm_eval_tasks
 
     t0 = time.time()
     results = lm_eval_tasks(
         model,
-        trainer.tokenizer,
+        tokenizer,
         settings.tasks,
         limit=settings.task_limit,
         num_fewshot=settings.num_fewshot,
         batch_size=settings.task_batch_size,
-        manager=trainer.task_manager,
+        manager=task_manager,
     )
-    trainer.results.setdefault("lm_eval", {})[stage] = results
     summary = "; ".join(
         f"{task} " + ", ".join(f"{m} {v:.4g}" for m, v in ms.items()) for task, ms in results.items()
     )
-    trainer.log(f"cqil: lm-eval, {stage} ({time.time() - t0:.0f} s): {summary}")
+    log(f"cqil: lm-eval, {stage} ({time.time() - t0:.0f} s): {summary}")
+    return results

@@ -1,24 +1,25 @@
-"""The optimizer and learning-rate schedule of a recovery run, and the DeepSpeed batch settings."""
+"""The optimizer and learning-rate schedule of a recovery run, and the DeepSpeed batch settings.
+
+Each function takes the ``train`` section of the recipe and what it configures (the trainable weights,
+the DeepSpeed plugin) and returns what it built.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from cqil.errors import LaunchError
-from cqil.recovery.recipe import Recipe
-
-if TYPE_CHECKING:
-    from cqil.recovery.trainer import RecoveryTrainer
+from cqil.recovery.progress import Log
+from cqil.recovery.recipe import TrainConfig
 
 
-def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
+def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     """Learning-rate multiplier per optimizer step: linear warmup, then cosine/linear decay to min_lr_ratio."""
-    train = recipe.train
 
     def factor(step: int) -> float:
         if step < train.warmup_steps:
@@ -32,20 +33,26 @@ def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(trainer: RecoveryTrainer) -> torch.optim.Optimizer:
-    train = trainer.recipe.train
-    decay = [p for n, p in trainer.trainable.items() if p.dim() >= 2 and not n.endswith(".gates")]
-    no_decay = [p for n, p in trainer.trainable.items() if not (p.dim() >= 2 and not n.endswith(".gates"))]
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of :func:`lr_lambda` over ``optimizer``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+
+
+def make_optimizer(
+    trainable: dict[str, nn.Parameter], train: TrainConfig, deepspeed_config: dict | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over ``trainable`` (weight decay on matrices, never on gates); DeepSpeed's CPU Adam when
+    ``deepspeed_config`` offloads the optimizer state."""
+    decay = [p for n, p in trainable.items() if p.dim() >= 2 and not n.endswith(".gates")]
+    no_decay = [p for n, p in trainable.items() if not (p.dim() >= 2 and not n.endswith(".gates"))]
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     betas = tuple(train.adam_betas)
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get(
-        "offload_optimizer", {}
-    ).get("device", "none") not in ("none", None):
+    offload = (deepspeed_config or {}).get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device", "none") not in ("none", None):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # optimizer states on the CPU need its kernel
 
         return DeepSpeedCPUAdam(groups, lr=train.lr, betas=betas, adamw_mode=True)
@@ -86,29 +93,27 @@ def size_deepspeed_buffers(plugin, model_config) -> dict[str, int]:
     return values
 
 
-def fill_deepspeed_auto(trainer: RecoveryTrainer) -> None:
-    """Before the model loads: the hidden-size ``"auto"`` values of the run's DeepSpeed config, logged."""
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    if plugin is not None and (sized := size_deepspeed_buffers(plugin, trainer.model_config)):
+def fill_deepspeed_auto(plugin, model_config, log: Log) -> None:
+    """Before the model loads: the hidden-size ``"auto"`` values of the run's DeepSpeed config
+    (``plugin``, None without DeepSpeed), logged."""
+    if plugin is not None and (sized := size_deepspeed_buffers(plugin, model_config)):
         values = ", ".join(f"{k}={v:,}" for k, v in sized.items())
-        trainer.log(f'cqil: DeepSpeed "auto" from the hidden size: {values}')
+        log(f'cqil: DeepSpeed "auto" from the hidden size: {values}')
 
 
-def configure_deepspeed(trainer: RecoveryTrainer) -> None:
-    plugin = trainer.accelerator.state.deepspeed_plugin
+def configure_deepspeed(plugin, train: TrainConfig, num_processes: int, student: nn.Module) -> None:
+    """The batch settings of the DeepSpeed config (``plugin``, None without DeepSpeed) from ``train``;
+    under ZeRO-3, the weights a merged group of ``student`` reads registered with it."""
     if plugin is None:
         return
-    train = trainer.recipe.train
     # No DataLoader goes through accelerate, so DeepSpeed cannot infer the batch size ("auto").
     cfg = plugin.deepspeed_config
     cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     cfg["gradient_accumulation_steps"] = train.grad_accum_steps
-    cfg["train_batch_size"] = (
-        train.micro_batch_size * train.grad_accum_steps * trainer.accelerator.num_processes
-    )
+    cfg["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * num_processes
     cfg["gradient_clipping"] = train.max_grad_norm
     cfg.setdefault("steps_per_print", 10**9)
     if plugin.zero_stage == 3:
         from cqil.recovery.sharded import register_external_weights
 
-        register_external_weights(trainer.model.student)
+        register_external_weights(student)

@@ -3,7 +3,8 @@
 From the model's config (read without weights) and the file system: the model exists and has a
 supported architecture, the groups fit it, ``train.seq_len`` fits its positions, and ``output_dir``
 is a writable folder that is new, empty, or a cqil run of the same recipe (:mod:`cqil.recovery.fingerprint`).
-Each failure is one :class:`cqil.errors.CqilError` naming the key, file or folder.
+Each failure is one :class:`cqil.errors.CqilError` naming the key, file or folder. :func:`check_run`
+returns what it found (:class:`CheckedRun`), which :func:`claim_run_folder` then acts on.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from cqil.errors import ModelError, ModelNotFoundError, OutputDirError, RecipeError
 from cqil.recovery import checkpoint, fingerprint, run_lock
 from cqil.recovery.checkpoint import list_checkpoints
+from cqil.recovery.progress import Log
 from cqil.recovery.recipe import Recipe
-
-if TYPE_CHECKING:
-    from cqil.recovery.trainer import RecoveryTrainer
+from cqil.recovery.state import Processes
 
 
 def _looks_local(name: str) -> bool:
@@ -150,19 +151,35 @@ def remove_stale(output_dir: Path) -> list[Path]:
 LAUNCHER_LOGS = ("slurm",)
 
 
-def check_run(trainer: RecoveryTrainer) -> None:
+@dataclass
+class CheckedRun:
+    """What :func:`check_run` found: the model's config, this run's fingerprint, the folder's marker,
+    and the checkpoint to resume from (with the recipe keys that changed since it was written)."""
+
+    model_config: Any
+    fingerprint: dict
+    marker: dict | None = None  # cqil_run.json of a folder that already holds a run
+    resume_from: Path | None = None  # the newest intact checkpoint of this run
+    resume_changes: dict = field(default_factory=dict)  # train.resume=reset_optimizer: key -> [old, new]
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_from is not None
+
+
+def check_run(recipe: Recipe, source: str, output_dir: Path, processes: Processes, log: Log) -> CheckedRun:
     """Bad input fails here, in one line: the model (from its config), the output folder, the data
     paths, and a folder that holds a run of another recipe (:mod:`cqil.recovery.fingerprint`)."""
-    recipe, source, out = trainer.recipe, trainer.source, trainer.output_dir
-    trainer.model_config = model_config(recipe, source)
-    check_model(recipe, source, trainer.model_config)
-    check_gguf_export(recipe, source, trainer.model_config)
+    out = Path(output_dir)
+    config = model_config(recipe, source)
+    check_model(recipe, source, config)
+    check_gguf_export(recipe, source, config)
     check_output_dir(out)
     check_data(recipe, source)
-    trainer.fingerprint = fingerprint.run_fingerprint(recipe, trainer.accelerator.num_processes)
-    trainer.marker = fingerprint.read_marker(out)
+    checked = CheckedRun(config, fingerprint.run_fingerprint(recipe, processes.num_processes))
+    checked.marker = marker = fingerprint.read_marker(out)
     if (
-        trainer.marker is None
+        marker is None
         and out.is_dir()
         and any(p.name not in LAUNCHER_LOGS and not run_lock.is_lock_file(p.name) for p in out.iterdir())
     ):
@@ -170,27 +187,27 @@ def check_run(trainer: RecoveryTrainer) -> None:
             f"output_dir {out} is not empty and is not a cqil run (no {fingerprint.MARKER}); "
             "choose a new output_dir"
         )
-    if trainer.marker is not None and "fingerprint" not in trainer.marker:
+    if marker is not None and "fingerprint" not in marker:
         raise OutputDirError(f"{out / fingerprint.MARKER} is unreadable; choose a new output_dir")
     found = list_checkpoints(out)
     if found:
-        trainer.resume_changes = fingerprint.check_resumable(
-            source, out, trainer.marker["fingerprint"], trainer.fingerprint, recipe.train.resume
+        checked.resume_changes = fingerprint.check_resumable(
+            source, out, marker["fingerprint"], checked.fingerprint, recipe.train.resume
         )
-    trainer.resume_from = checkpoint.latest_intact(trainer) if found else None
-    trainer.resuming = trainer.resume_from is not None
+    checked.resume_from = checkpoint.latest_intact(out, processes, log) if found else None
+    return checked
 
 
-def claim_run_folder(trainer: RecoveryTrainer) -> None:
+def claim_run_folder(output_dir: Path, checked: CheckedRun, processes: Processes, log: Log) -> None:
     """The marker first (a new run), the history of a changed recipe, stale temporaries removed."""
-    out, marker, new = trainer.output_dir, trainer.marker, trainer.fingerprint
-    if trainer.accelerator.is_main_process:
+    out, marker, new = Path(output_dir), checked.marker, checked.fingerprint
+    if processes.is_main_process:
         if marker is None:
             fingerprint.write_marker(out, new)
         elif marker["fingerprint"] != new:
             changed = fingerprint.differences(marker["fingerprint"], new)
-            if trainer.resuming:
-                step = json.loads((trainer.resume_from / "trainer_state.json").read_text())["step"]
+            if checked.resuming:
+                step = json.loads((checked.resume_from / "trainer_state.json").read_text())["step"]
                 event = {"resume": "reset_optimizer", "step": step, "changed": changed}
             else:  # nothing was trained: what an earlier attempt measured belongs to the old recipe
                 event = {"restart": "no checkpoint yet", "changed": changed}
@@ -198,5 +215,5 @@ def claim_run_folder(trainer: RecoveryTrainer) -> None:
                 (out / "eval_before.json").unlink(missing_ok=True)
             fingerprint.write_marker(out, new, previous=marker, event=event)
         for path in remove_stale(out):
-            trainer.log(f"cqil: removed {path}, left by an interrupted run")
-    trainer.accelerator.wait_for_everyone()
+            log(f"cqil: removed {path}, left by an interrupted run")
+    processes.wait_for_everyone()

@@ -29,25 +29,23 @@ import contextlib
 import copy
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cqil._compat import zero3_init_disabled
+from cqil.recovery.measure import HeldOut, before_label, run_perplexity
+from cqil.recovery.progress import Log
+from cqil.recovery.recipe import EvalConfig, ModelConfig, Recipe
 from cqil.rewrite.plan import GroupPlan
 from cqil.rewrite.surgery import parallelize
 
-if TYPE_CHECKING:
-    from cqil.recovery.trainer import RecoveryTrainer
 
-
-def whole_model_reason(trainer: RecoveryTrainer) -> str | None:
-    """Why this ZeRO-3 run loads the whole model on every rank, or None when it loads sharded."""
-    plugin = trainer.accelerator.state.deepspeed_plugin
+def whole_model_reason(plugin, recipe: Recipe) -> str | None:
+    """Why this run (DeepSpeed ``plugin``, None without it) loads the whole model on every rank, or
+    None when it is ZeRO-3 and loads sharded."""
     if plugin is None or plugin.zero_stage != 3:
         return "not ZeRO-3"
-    recipe = trainer.recipe
     if recipe.parallelize.mode == "coalesce":
         return "coalesce mode fits each coalesced layer from the whole original layers"
     if recipe.train.lora is not None:
@@ -57,22 +55,21 @@ def whole_model_reason(trainer: RecoveryTrainer) -> str | None:
     return None
 
 
-def ds_config(trainer: RecoveryTrainer) -> dict:
+def ds_config() -> dict:
     """The DeepSpeed config the model was partitioned with (accelerate's, its batch sizes filled in)."""
     from transformers.integrations import deepspeed_config
 
     return deepspeed_config()
 
 
-def load(trainer: RecoveryTrainer):
-    """``(model, tokenizer)``, the model's weights partitioned as they load (transformers' ZeRO-3 path)."""
+def load(m: ModelConfig, plugin, num_processes: int, log: Log):
+    """``(model, tokenizer)`` of the recipe's ``model`` section, the weights partitioned as they load
+    (transformers' ZeRO-3 path) under the DeepSpeed ``plugin``."""
     from cqil.pretrained import load_model
 
-    m = trainer.recipe.model
     # accelerate points transformers at the DeepSpeed config only with zero3_init_flag; say it here.
-    trainer.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-    n = trainer.accelerator.num_processes
-    trainer.log(f"cqil: ZeRO-3: loading the model partitioned over {n} ranks (no rank holds it whole)")
+    plugin.set_deepspeed_weakref()
+    log(f"cqil: ZeRO-3: loading the model partitioned over {num_processes} ranks (no rank holds it whole)")
     return load_model(m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation)
 
 
@@ -86,33 +83,41 @@ def partition(module: nn.Module, config: dict) -> nn.Module:
 
 
 @contextlib.contextmanager
-def whole_model(trainer: RecoveryTrainer) -> Iterator[None]:
-    """Under a ZeRO-3 run that loaded the whole model, gather all of it again; elsewhere a no-op."""
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3 or trainer.sharded:
+def whole_model(model: nn.Module, *, gather: bool) -> Iterator[None]:
+    """With ``gather`` (a ZeRO-3 run that loaded the whole model and had accelerate partition it), all
+    of ``model`` whole again inside the context; without, a no-op."""
+    if not gather:
         yield
         return
-    with gathered(trainer.model.parameters()):
+    with gathered(model.parameters()):
         yield
 
 
-def evaluate_before(trainer: RecoveryTrainer) -> None:
+def evaluate_before(
+    model: nn.Module, heldout: HeldOut, settings: EvalConfig, *, mode: str, log: Log
+) -> dict[str, dict]:
     """Held-out perplexity of the original and the parallelized model, through the engine.
 
     Under sharded ZeRO-3 the original layers exist only as the partitioned teacher copy, and only the
     engine's hooks gather partitioned weights in forward: both measurements wait for it, and every
     rank runs them (a gather is collective). The lm-eval tasks before training are left out: they run
     on the main process alone; ``cqil evaluate`` measures the original model on its own.
-    """
-    from cqil.recovery.measure import run_perplexity
 
-    settings = trainer.recipe.eval
+    ``model`` is the run's :class:`~cqil.recovery.model.RecoveryModel`; returns the results by key
+    (``"original"``, ``"parallelized"``), none when ``settings.before`` is off.
+    """
     if not settings.before:
-        return
-    trainer.results["original"] = run_perplexity(trainer, OriginalModel(trainer.model), "original")
-    trainer.results["parallelized"] = run_perplexity(trainer, trainer.model.student, trainer.before_label)
+        return {}
+    size = settings.batch_size
+    results = {
+        "original": run_perplexity(OriginalModel(model), heldout, batch_size=size, label="original", log=log),
+        "parallelized": run_perplexity(
+            model.student, heldout, batch_size=size, label=before_label(mode), log=log
+        ),
+    }
     if settings.tasks:
-        trainer.log("cqil: lm-eval before training is not run under sharded ZeRO-3 (cqil evaluate runs it)")
+        log("cqil: lm-eval before training is not run under sharded ZeRO-3 (cqil evaluate runs it)")
+    return results
 
 
 def gathered(params: Iterable[nn.Parameter]):
