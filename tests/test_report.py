@@ -285,7 +285,7 @@ def test_the_lm_eval_section_prints_each_task_size_and_standard_error():
 
 
 def test_the_latency_section_names_the_mode_the_ideal_and_never_calls_a_slowdown_faster():
-    from cqil.evaluation.report import latency_markdown
+    from cqil.evaluation.latency_report import latency_markdown
 
     slow = _report()
     slow["latency"]["speedup"]["recovered"] = {"prefill": 1.02, "decode": 0.96}
@@ -302,7 +302,7 @@ def test_the_latency_section_names_the_mode_the_ideal_and_never_calls_a_slowdown
 
 
 def test_the_latency_section_on_a_gpu_reports_every_phase_and_mode():
-    from cqil.evaluation.report import latency_markdown
+    from cqil.evaluation.latency_report import latency_markdown
 
     gpu = _report()
     phases = {
