@@ -15,7 +15,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from cqil.evaluation.latency import (  # noqa: F401  (re-exported for the scripts)
@@ -116,17 +116,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
-    """A plain-text table, the first ``left`` columns left-aligned and the rest right-aligned."""
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    left: int | Collection[int] = 1,
+    rule: bool = True,
+) -> str:
+    """A plain-text table: the columns in ``left`` (or the first ``left`` ones) left-aligned, the rest
+    right-aligned; ``rule`` draws a line under the header."""
+    lefts = set(range(left)) if isinstance(left, int) else set(left)
     cells = [[str(c) for c in header]] + [[("–" if c is None else str(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(r):
         return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            c.ljust(w) if i in lefts else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
         )
 
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+    ruler = ["  ".join("-" * w for w in widths)] if rule else []
+    return "\n".join([line(cells[0]), *ruler, *map(line, cells[1:])])
 
 
 def ratio_cell(x: float | None) -> str:

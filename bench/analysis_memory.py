@@ -21,8 +21,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import Stopwatch, emit
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "sample" / "heldout.jsonl.gz"
@@ -87,14 +88,14 @@ def build(folder: Path, args) -> tuple[int, int]:
 def measure(command: list[str], workdir: Path) -> dict:
     marks = workdir / f"{command[0]}.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    started = time.perf_counter()
+    clock = Stopwatch()
     proc = subprocess.run(
         [sys.executable, "-c", WRAPPER, str(marks), *command], cwd=REPO, env=env, stdout=subprocess.PIPE
     )
     if proc.returncode != 0:
         raise SystemExit(f"{command[0]} failed with status {proc.returncode}")
     out = json.loads(marks.read_text())
-    out["seconds"] = round(time.perf_counter() - started, 1)
+    out["seconds"] = round(clock.total(), 1)
     return out
 
 
@@ -143,7 +144,7 @@ def main() -> None:
         },
         **results,
     }
-    print(json.dumps(summary))
+    emit(summary)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import time
 
 import torch
+from _common import Stopwatch, emit, table
 from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
@@ -96,7 +95,7 @@ def main() -> None:
         flush=True,
     )
 
-    start = time.perf_counter()
+    clock = Stopwatch()
     base = perplexity(original, tokens, batch_size=args.batch_size, progress=False)
     print(f"original  ppl {base['ppl']:.3f}", flush=True)
     rows = []
@@ -114,10 +113,10 @@ def main() -> None:
             del model  # one copy at a time
             print(f"{spec:>10}  {variant:<9}  ppl {row['ppl'][variant]:.3f}", flush=True)
         rows.append(row)
-    elapsed = time.perf_counter() - start
+    elapsed = clock.total()
 
     header = ["plan", "groups", "depth", "original", *VARIANTS, "coalesced/lp"]
-    table = [
+    rows_text = [
         [
             r["plan"],
             groups_label(p),
@@ -128,10 +127,8 @@ def main() -> None:
         ]
         for r, p in zip(rows, plans, strict=True)
     ]
-    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
     print()
-    for line in [header, *table]:
-        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
+    print(table(header, rows_text, left=0))
     print(f"held-out perplexity, {tokens.shape[0]} x {tokens.shape[1]} tokens, no training; {elapsed:.0f} s")
 
     summary = {
@@ -150,7 +147,7 @@ def main() -> None:
         ],
         "seconds": round(elapsed, 1),
     }
-    print(json.dumps(summary))
+    emit(summary)
 
 
 if __name__ == "__main__":

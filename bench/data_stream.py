@@ -31,8 +31,9 @@ import gzip
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
+
+from _common import Stopwatch, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
@@ -94,29 +95,29 @@ def throughput(tok, files, mixture, seq_len, seconds) -> float:
 
     stream = TokenStream(tok, files, seq_len=seq_len, mixture=mixture, seed=0)
     stream.next_batch(2)  # warm up: open the files, first tokenizer calls
-    blocks, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    blocks, clock = 0, Stopwatch()
+    while clock.total() < seconds:
         stream.next_batch(4)
         blocks += 4
-    return blocks * seq_len / (time.perf_counter() - start)
+    return blocks * seq_len / clock.total()
 
 
 def resume(tok, files, documents: int, share: float) -> dict:
     from cqil.recovery.stream import TokenStream
 
     stream = TokenStream(tok, files, seq_len=128)
-    start = time.perf_counter()
+    clock = Stopwatch()
     for _ in range(int(documents * share)):
         stream._next_document()  # reach the position without tokenizing: how it was reached does not matter
-    reached = time.perf_counter() - start
+    reached = clock.lap()
     stream.next_batch(1)
     state = stream.state_dict()
     expected = stream.next_batch(1)
-    start = time.perf_counter()
+    clock.lap()
     resumed = TokenStream(tok, files, seq_len=128)
     resumed.load_state_dict(state)
     first = resumed.next_batch(1)
-    took = time.perf_counter() - start
+    took = clock.lap()
     assert (first == expected).all()
     inner = state["dataset"]
     while "shard_idx" not in inner:  # repeat -> shard -> generator
@@ -141,21 +142,20 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="cqil-data-bench-", dir=args.dir))
     try:
-        start = time.perf_counter()
+        clock = Stopwatch()
         files, documents = generate(folder, args.size_gb, args.shards)
         size = sum(f.stat().st_size for f in files)
-        print(json.dumps({"measure": "corpus", "bytes": size, "files": len(files), "documents": documents,
-                          "generate_s": round(time.perf_counter() - start, 1)}), flush=True)  # fmt: skip
+        emit({"measure": "corpus", "bytes": size, "files": len(files), "documents": documents,
+              "generate_s": round(clock.total(), 1)})  # fmt: skip
         tok = tokenizer()
         for name, (mixture, seq_len, per_step, step_s) in RECIPES.items():
             rate = throughput(tok, files, mixture, seq_len, args.seconds)
             need = per_step / step_s
-            print(json.dumps({"measure": "throughput", "recipe": name, "seq_len": seq_len,
-                              "pipeline_tokens_per_s": round(rate), "trainer_tokens_per_s": round(need),
-                              "assumed_step_s": step_s, "ratio": round(rate / need, 1),
-                              "ok": rate >= 10 * need}), flush=True)  # fmt: skip
+            emit({"measure": "throughput", "recipe": name, "seq_len": seq_len,
+                  "pipeline_tokens_per_s": round(rate), "trainer_tokens_per_s": round(need),
+                  "assumed_step_s": step_s, "ratio": round(rate / need, 1), "ok": rate >= 10 * need})  # fmt: skip
         for share in (0.1, 0.9):
-            print(json.dumps(resume(tok, files, documents, share)), flush=True)
+            emit(resume(tok, files, documents, share))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

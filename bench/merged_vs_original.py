@@ -123,15 +123,21 @@ def engine_rows(args, spec: str) -> list[dict]:
         if proc.returncode or not found:
             rows.append({"engine": "llama.cpp", "skipped": f"bench/serving.py failed: {proc.stderr[-400:]}"})
         else:
-            rows.append(dict(found[0], engine="llama.cpp", source="measured now by bench/serving.py"))
+            for line in found:
+                rows.append(dict(line, engine=_engine(line), source="measured now by bench/serving.py"))
     recorded = sorted(RESULTS.glob("serving-*.jsonl"), key=lambda p: p.stat().st_mtime)
     if recorded:
         for line in read_jsonl(recorded[-1]):
             if str(line.get("section", "")).startswith("vllm") and "decode_speedup" in line:
-                rows.append(dict(line, engine=line["section"], source=str(recorded[-1].relative_to(REPO))))
+                rows.append(dict(line, engine=_engine(line), source=str(recorded[-1].relative_to(REPO))))
     else:
         rows.append({"engine": "vllm", "skipped": "no bench/results/serving-*.jsonl: run bench/serving.py"})
     return rows
+
+
+def _engine(line: dict) -> str:
+    """A serving.py section's engine, with the bypass variant where its lines name one."""
+    return line["section"] + (f" {line['variant']}" if line.get("variant") else "")
 
 
 def engine_table(rows: list[dict]) -> str:

@@ -33,9 +33,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 
 import torch
+from _common import Stopwatch, emit, table
 from tiny import build_tiny  # bench/tiny.py, beside this script
 
 import cqil
@@ -58,18 +58,6 @@ def label(groups) -> str:
     return " ".join(f"{g[0]}-{g[-1]}" for g in groups)
 
 
-def format_columns(header: list[str], rows: list[list[str]], left: set[int]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i in left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join(line(r) for r in [header, *rows])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="'tiny', an embedded name or a HF folder")
@@ -88,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    clock = Stopwatch()
     if args.model == "tiny":
         model = build_tiny()
         g = torch.Generator().manual_seed(0)
@@ -138,7 +126,7 @@ def main() -> None:
         }
     phases = {"search": result.cost["seconds"]}
     print(f"search: {phases['search']:.0f} s, calibration ppl of the original {result.original['ppl']:.2f}")
-    mark = time.perf_counter()
+    clock.lap()
 
     # scan: every contiguous range, measured the same way (original prefix shared).
     for k in pairs:
@@ -156,8 +144,7 @@ def main() -> None:
             f"scan {k} pairs: {cost['candidates']} ranges, best {label(best['plan']['groups'])}", flush=True
         )
 
-    phases["scan"] = round(time.perf_counter() - mark, 1)
-    mark = time.perf_counter()
+    phases["scan"] = round(clock.lap(), 1)
 
     # similarity: one pass with hooks through the decoder stack (no LM head), then no plan is run.
     sim = layer_input_similarity(model, calib, batch_size=args.batch_size, progress=False)
@@ -173,8 +160,7 @@ def main() -> None:
             "lm_head_passes": 0.0,
         }
 
-    phases["similarity"] = round(time.perf_counter() - mark, 1)
-    mark = time.perf_counter()
+    phases["similarity"] = round(clock.lap(), 1)
 
     # held out: each distinct plan parallelized for real and measured on text none of them saw.
     heldout_ppl: dict[str, float] = {
@@ -192,9 +178,9 @@ def main() -> None:
                 ]
                 del student
             entry["heldout_ppl"] = heldout_ppl[key]
-        print(f"held out {k} pairs done ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(f"held out {k} pairs done ({clock.total():.0f} s)", flush=True)
 
-    phases["heldout"] = round(time.perf_counter() - mark, 1)
+    phases["heldout"] = round(clock.lap(), 1)
     base = heldout_ppl["original"]
     header = [
         "pairs",
@@ -207,10 +193,10 @@ def main() -> None:
         "plans",
         "fwd passes",
     ]
-    table = [["-", "original", "-", "0", f"{result.original['ppl']:.2f}", f"{base:.2f}", "-", "-", "-"]]
+    rows_text = [["-", "original", "-", "0", f"{result.original['ppl']:.2f}", f"{base:.2f}", "-", "-", "-"]]
     for k in pairs:
         for method, e in rows[k].items():
-            table.append(
+            rows_text.append(
                 [
                     str(k),
                     method,
@@ -224,7 +210,7 @@ def main() -> None:
                 ]
             )
     print()
-    print(format_columns(header, table, left={2}))
+    print(table(header, rows_text, left={2}, rule=False))
     wins = {
         k: {
             "vs_scan": rows[k]["searched"]["heldout_ppl"] <= rows[k]["scan"]["heldout_ppl"],
@@ -248,9 +234,9 @@ def main() -> None:
         "searched_wins": {str(k): v for k, v in wins.items()},
         "threads": args.threads,
         "phase_seconds": phases,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(clock.total(), 1),
     }
-    print(json.dumps(summary))
+    emit(summary)
 
 
 if __name__ == "__main__":

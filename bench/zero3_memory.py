@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _common import Stopwatch, emit
 from analysis_memory import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def run(kind: str, ranks: int, folder: Path, tmp: Path, args) -> dict:
         "--main_process_port", str(29500 + ranks + (10 if kind == "zero2" else 0)),
         str(REPO / "train/recover.py"), str(path),
     ]  # fmt: skip
-    started = time.perf_counter()
+    clock = Stopwatch()
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -180,7 +181,7 @@ def run(kind: str, ranks: int, folder: Path, tmp: Path, args) -> dict:
         "peak_until_trained_gb": [round(train_peak[r] / GB, 3) for r in sorted(train_peak)],
         "peak_gb": [round(hwm[r] / GB, 3) for r in sorted(hwm)],
         "peak_after": [peak_phase[r] for r in sorted(peak_phase)],
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(clock.total(), 1),
         "sharded": any("loading the model partitioned" in line for line in lines),
     }
 
@@ -226,17 +227,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         params, weight_bytes = build(tmp / "model", args)
-        print(json.dumps({"params": params, "weight_gb": round(weight_bytes / GB, 3)}), flush=True)
+        emit({"params": params, "weight_gb": round(weight_bytes / GB, 3)})
         rows = []
         for kind, counts in (("zero3", args.ranks), ("zero2", args.zero2_ranks)):
             for ranks in counts:
                 row = run(kind, ranks, tmp / "model", tmp, args)
                 row["weight_gb"] = round(weight_bytes / GB, 3)
-                print(json.dumps(row), flush=True)
+                emit(row)
                 rows.append(row)
     zero3 = [r for r in rows if r["config"] == "zero3"]
     if len(zero3) >= 2:
-        print(json.dumps({"fit": "zero3 peak until trained = S / N + C", **fit(zero3)}), flush=True)
+        emit({"fit": "zero3 peak until trained = S / N + C", **fit(zero3)})
 
 
 if __name__ == "__main__":

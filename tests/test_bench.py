@@ -235,8 +235,9 @@ def test_gpu_latency_smoke_runs_the_library_timing_on_tiny_shapes(monkeypatch, c
 
 def test_bench_scripts_share_the_library_timing():
     """One timing path: no bench script but the vLLM ones keeps its own timer or interleaving loop."""
-    mine = ["merged_vs_original.py", "gpu_latency.py"]
-    for name in mine:
+    converted = ["merged_vs_original.py", "gpu_latency.py", "recovery_step.py", "coalesce_vs_parallel.py"]
+    converted += ["analysis_memory.py", "data_stream.py", "plan_search.py", "zero3_memory.py"]
+    for name in converted:
         text = (REPO / "bench" / name).read_text()
         assert "from _common import" in text and "perf_counter" not in text and "statistics" not in text, name
 
