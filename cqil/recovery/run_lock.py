@@ -271,6 +271,16 @@ def refuse_if_claimed(path: str | os.PathLike, *, heartbeat_s: float | None = No
 
 
 # ------------------------------------------------------------------------------ the claim
+def _tidy(takeover: Path | None, created: list[Path]) -> None:
+    """Remove this run's takeover marker and the folders it made for its claim, if they are empty."""
+    if takeover is not None:
+        with contextlib.suppress(OSError):
+            takeover.unlink(missing_ok=True)
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 class Claim:
     """A held claim on ``output_dir``; :meth:`release` gives it up (idempotent)."""
 
@@ -282,9 +292,8 @@ class Claim:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="cqil-run-lock", daemon=True)
         self._thread.start()
-        atexit.register(
-            self.release
-        )  # an exit that skips the owner's cleanup; not SIGKILL: see the heartbeat
+        # Also at an exit that skips the owner's cleanup; a SIGKILL skips this too: the heartbeat stops.
+        atexit.register(self.release)
 
     def _still_mine(self) -> bool:
         found = read_claim(self.path)
@@ -314,11 +323,7 @@ class Claim:
         with contextlib.suppress(OSError):
             if self._still_mine():
                 os.unlink(self.path)
-        if self._takeover is not None:
-            self._takeover.unlink(missing_ok=True)
-        for d in reversed(self._created):  # folders this claim made, if nothing else was put in them
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        _tidy(self._takeover, self._created)
 
     def __enter__(self) -> Claim:
         return self
@@ -369,7 +374,7 @@ def _try_takeover(out: Path, stale: dict | None) -> tuple[bool, Path | None]:
     moved_token = moved[0].get("token") if moved and moved[0] else None
     if moved_token != (stale or {}).get("token"):
         # Not the claim judged stale but a new holder's, made after it vanished: put it back.
-        with contextlib.suppress(FileExistsError):
+        with contextlib.suppress(OSError):  # EEXIST: yet another run claimed it in between
             os.link(aside, lock)
         aside.unlink(missing_ok=True)
         marker.unlink(missing_ok=True)
@@ -407,9 +412,7 @@ def claim(
             created += _make_dirs(out)
             continue
         except OSError as e:
-            for d in reversed(created):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+            _tidy(takeover, created)
             raise StorageError(f"output_dir {out}: cannot create {lock} ({e.strerror or e})") from None
         else:
             try:
@@ -417,8 +420,9 @@ def claim(
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            for p in out.glob(f"{LOCK_NAME}.*"):  # left by takers that died mid-way
-                if p != takeover:
+            for p in out.glob(f"{LOCK_NAME}.*"):  # left by takers that died mid-way (not one at work)
+                found = read_claim(p) if p != takeover else None
+                if found is not None and found[1] > TAKEOVER_EXPIRES_S:
                     p.unlink(missing_ok=True)
             return Claim(out, record, created, takeover, on_lost)
         found = read_claim(lock)
@@ -443,7 +447,9 @@ def claim(
                 if time.monotonic() - waited_since < limit + heartbeat_s:
                     time.sleep(min(heartbeat_s, 1.0))
                     continue
+                _tidy(takeover, created)
                 raise _refusal(out, holder, age, ", an earlier attempt of this job that is still running")
+            _tidy(takeover, created)  # a run that took over a stale claim lost the race for the new one
             raise _refusal(out, holder, age)
         removed, marker = _try_takeover(out, holder)
         if removed:
