@@ -3,6 +3,10 @@
 Bad input: one ``cqil: error: ...`` line naming the culprit, exit status 2, and ``output_dir`` exactly as
 it was (same files, same bytes). Faults: damaged checkpoints fall back to the newest intact one and still
 end bit-identical; exploded weights are never checkpointed; a full disk leaves no temporary folder.
+One run per folder (cqil.recovery.run_lock): of two runs started together, with the same recipe or
+another, one runs to the end as if alone and the other refuses in one line naming it; a SIGKILLed run's
+claim is taken over and the run resumes; a run that holds the folder but stopped moving (a requeue's
+lingering old attempt) is never disturbed, and the requeued attempt waits for it before refusing.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -333,3 +340,129 @@ def test_sigterm_during_the_final_evaluation_exits_75_and_a_rerun_finishes(root,
     assert [p.name for p in list_checkpoints(out)] == checkpoints and (
         out / "model" / "config.json"
     ).is_file()
+
+
+# ------------------------------------------------------------------------------ one run per folder
+# Runs of 30 steps (a checkpoint every 10), long enough for a second run to meet a live one.
+THIRTY = ("train.max_steps=30", "train.save_every_steps=10", "train.log_every_steps=10")
+
+
+def recover_process(root: Path, out: Path, *overrides: str, **env: str) -> subprocess.Popen:
+    """``train/recover.py`` in a process of its own (what a second terminal or a second job starts)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train/recover.py"), str(root / "recipe.yaml"), f"output_dir={out}"]
+        + [*THIRTY, *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def digest(out: Path) -> str:
+    return json.loads((out / "eval.json").read_text())["trainable_digest"]
+
+
+def consistent_run(out: Path, lr: float) -> None:
+    """One run's folder: its recipe, marker and step history agree, and no second run wrote there."""
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == lr
+    marker = json.loads((out / "cqil_run.json").read_text())
+    assert marker["fingerprint"]["train.lr"] == lr and not marker.get("history")
+    steps = [json.loads(x)["step"] for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
+    assert not (out / ".cqil.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def thirty(root, tmp_path_factory):
+    """The 30-step run, uninterrupted and alone: what every run below must end as."""
+    out = tmp_path_factory.mktemp("thirty") / "run"
+    assert recover(root, out, *THIRTY) == 0
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("lrs", [(3e-3, 3e-3), (1e-4, 5e-4)], ids=["same recipe", "another recipe"])
+def test_two_runs_started_together_one_runs_the_other_refuses(root, thirty, tmp_path, lrs):
+    out = tmp_path / "run"
+    procs = [recover_process(root, out, f"train.lr={lr}") for lr in lrs]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], (codes, errs)
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    lines = [line for line in errs[loser].splitlines() if "error" in line]
+    assert len(lines) == 1 and errs[loser].strip().endswith(lines[0]), errs[loser]
+    assert re.fullmatch(
+        rf"error: output_dir {re.escape(str(out))} is in use by another run: pid {procs[winner].pid} on "
+        rf"{re.escape(socket.gethostname())}, since \S+ \S+ UTC, heartbeat \d+ s ago \(.*\.cqil\.lock\); "
+        "wait for it to end or stop it, or choose another output_dir",
+        lines[0],
+    ), lines[0]
+    consistent_run(out, lrs[winner])
+    if lrs[winner] == 3e-3:
+        assert digest(out) == digest(thirty)
+
+
+@pytest.mark.integration
+def test_a_killed_run_leaves_a_stale_claim_that_the_next_run_takes_over(root, thirty, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = recover_process(root, out)  # the default heartbeat (30 s): only its dead process frees it
+    wait_for(out / "checkpoints" / "step-000010", first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert json.loads((out / ".cqil.lock").read_text())["pid"] == first.pid  # SIGKILL leaves the claim
+    assert recover(root, out, *THIRTY) == 0
+    err = capsys.readouterr().err
+    assert f"took over {out} from a stale claim (pid {first.pid} on" in err
+    assert f"its process {first.pid} has ended" in err and "resumed from" in err
+    assert digest(out) == digest(thirty) and not (out / ".cqil.lock").exists()
+
+
+@pytest.mark.integration
+def test_a_live_holder_is_never_disturbed_and_a_requeue_waits_for_the_old_attempt(
+    root, thirty, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    job = {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0", "CQIL_LOCK_HEARTBEAT_S": "0.5"}
+    old = recover_process(root, out, **job)
+    try:
+        wait_for(out / "checkpoints" / "step-000010", old)
+        # The old attempt lingers: alive, but (stopped) neither training nor beating. A process that
+        # is alive on this machine keeps its claim whatever its heartbeat says.
+        old.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)  # a write of its in flight lands before the snapshot
+        before = snapshot(out)
+        assert recover(root, out, *THIRTY, "train.lr=5.0e-4") == 2  # another recipe
+        assert re.search(
+            rf"in use by another run: pid {old.pid} on .*Slurm job 4242 attempt 0", one_error_line(capsys)
+        )
+        assert recover(root, out, *THIRTY) == 2  # the same recipe, outside Slurm
+        assert "in use by another run" in one_error_line(capsys)
+        for key, value in job.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued job: same id, next attempt
+        start = time.monotonic()
+        assert recover(root, out, *THIRTY) == 2
+        err = capsys.readouterr().err
+        assert time.monotonic() - start > 3  # it gave the old attempt its stale timeout (6 x 0.5 s)
+        assert "held by an earlier attempt of this job" in err
+        assert "an earlier attempt of this job that is still running" in err
+        assert snapshot(out) == before  # none of the three wrote anything
+        old.send_signal(signal.SIGKILL)  # the old attempt is gone: the requeue takes over and resumes
+        old.wait()
+        assert recover(root, out, *THIRTY) == 0
+        err = capsys.readouterr().err
+        assert "took over" in err and "resumed from" in err
+        assert digest(out) == digest(thirty)
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
