@@ -217,54 +217,54 @@ class StaticDecode:
     only) and replayed per token, or the same step run eagerly (``graph=False``; on a CPU it checks
     the static path).
 
-    The prompt is prefilled once, at construction, and the graph captured once; each :meth:`prepare`
-    rewinds the cache to the end of the prompt and restarts from the prompt's next token, so every
-    run decodes the same ``steps`` tokens into the same cache slots. The cache's length is a device
-    tensor that each step advances in place (transformers 5.17 and later), which is what lets one
-    captured step serve every position.
+    The graph is captured once, at construction. Each :meth:`prepare` resets the cache in place and
+    prefills the prompt again (untimed), so every run decodes the same ``steps`` tokens into the same
+    cache slots. The cache's length is a device tensor that each step advances in place (transformers
+    5.17 and later), which is what lets one captured step serve every position; ``Cache.reset`` zeroes
+    it in place, keeping the addresses the graph reads.
     """
 
     def __init__(self, model, prompt: torch.Tensor, steps: int, *, graph: bool | None = None) -> None:
         from transformers import StaticCache
 
-        self.model, self.steps = model, steps
+        self.model, self.prompt, self.steps = model, prompt, steps
         self.graph_mode = prompt.device.type == "cuda" if graph is None else graph
         if self.graph_mode and prompt.device.type != "cuda":
             raise ValueError("a CUDA graph needs a CUDA device")
-        self.prompt_len = prompt.shape[1]
-        self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + steps + _CAPTURE_WARMUP)
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache))
-        self.first = out.logits[:, -1:].argmax(-1)
-        self.token = self.first.clone()  # the step's input, overwritten in place by its output
-        self.pending = 0  # tokens decoded since the last rewind
+        length = prompt.shape[1] + max(steps, _CAPTURE_WARMUP)
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self.token = self._prefill().clone()  # the step's input, overwritten in place by its output
         self.graph = None
         if self.graph_mode:
             self._capture(prompt.device)
+
+    def _prefill(self) -> torch.Tensor:
+        """The prompt into the (reset) cache; returns its greedy next token."""
+        out = self.model(input_ids=self.prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache))
+        return out.logits[:, -1:].argmax(-1)
 
     def _step(self) -> None:
         logits = self.model(input_ids=self.token, use_cache=True, **cache_kwargs(self.cache)).logits
         self.token.copy_(logits[:, -1:].argmax(-1))
 
     def _capture(self, device: torch.device) -> None:
-        # Warm up on a side stream, as torch.cuda.graph requires, then rewind what the warmup wrote.
+        # Warm up on a side stream, as torch.cuda.graph requires; capturing runs nothing, and every
+        # run starts from a reset cache.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(_CAPTURE_WARMUP):
                 self._step()
         torch.cuda.current_stream(device).wait_stream(stream)
-        self.cache.crop(-_CAPTURE_WARMUP)
-        self.token.copy_(self.first)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
 
     def prepare(self) -> Callable[[], torch.Tensor]:
-        """Rewind to the end of the prompt; returns the run of ``steps`` tokens (returns the last token)."""
-        if self.pending:
-            self.cache.crop(-self.pending)
-        self.token.copy_(self.first)
-        self.pending = self.steps
+        """Reset the cache and prefill the prompt; returns the run of ``steps`` tokens (it returns the
+        last token)."""
+        self.cache.reset()
+        self.token.copy_(self._prefill())
         step = self.graph.replay if self.graph is not None else self._step
 
         def run():
@@ -275,12 +275,10 @@ class StaticDecode:
         return run
 
     def tokens(self) -> list[int]:
-        """The ``steps`` greedy tokens one run decodes, first the prompt's next token (batch 1; for tests)."""
-        if self.pending:
-            self.cache.crop(-self.pending)
-        self.token.copy_(self.first)
-        self.pending = self.steps
-        out = [int(self.first[0, 0])]
+        """The prompt's greedy next token and the ``steps`` tokens one run decodes after it (batch 1)."""
+        self.cache.reset()
+        self.token.copy_(self._prefill())
+        out = [int(self.token[0, 0])]
         step = self.graph.replay if self.graph is not None else self._step
         for _ in range(self.steps):
             step()
