@@ -1,14 +1,13 @@
 """One run owns its output folder: an exclusive claim, made atomically, kept fresh by a heartbeat.
 
-The claim is the file ``output_dir/.cqil.lock``, created with ``O_CREAT | O_EXCL``: the one operation
-that is atomic on a local disk and on the shared filesystems clusters use (NFS v3 and later, Lustre,
-GPFS), so of two runs started at the same moment exactly one creates it. It holds one JSON record
-(:func:`identity`): host, PID, the process's start time and boot and PID-namespace ids (to tell a
-live process from a reused PID), when the run started, its Slurm job id, array task and restart count,
-its command, a token unique to this claim, and the heartbeat interval and stale timeout it promises.
-
-While the run lives, a daemon thread touches the file every ``heartbeat_s`` seconds (its mtime is
-the heartbeat) and checks that the file still carries its token. A claim is **stale** when
+The claim is ``output_dir/.cqil.lock``, created with ``O_CREAT | O_EXCL``, atomic on a local disk and
+on the shared filesystems clusters use (NFS v3 and later, Lustre, GPFS): of two runs started at the
+same moment exactly one creates it. Its JSON record (:func:`identity`) names host, PID, the process's
+start time, boot and PID-namespace ids (a live process, not a reused PID), when the run started, its
+Slurm job id, array task and restart count, its command, a token unique to the claim, and the
+heartbeat interval and stale timeout it promises. A daemon thread touches the file every
+``heartbeat_s`` seconds (the mtime is the heartbeat) and checks it still carries its token. A claim is
+**stale** when
 
 - its holder ran on this machine (same host, boot and PID namespace) and that process has ended (no
   such PID, a zombie, or a PID reused by a process that started at another time), or the machine
@@ -31,14 +30,15 @@ i.e. a requeue whose old process still holds the folder) is given one stale time
 claim is released or goes stale meanwhile the new attempt takes over, otherwise it refuses too.
 
 This module imports nothing from the trainer; :func:`claim_checked` is the entry a multi-process run
-uses (only the main process claims; the other ranks receive its verdict).
+uses (only the main process claims; the other ranks receive its verdict). It is a little
+longer than 500 lines because the claim, its stale rules, the takeover and the ranks' verdict are one
+protocol, best read and changed in one place.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime
 import json
 import os
 import shlex
@@ -72,16 +72,11 @@ def is_lock_file(name: str) -> bool:
 
 
 def heartbeat_interval() -> float:
-    value = os.environ.get(HEARTBEAT_ENV)
-    if not value:
-        return DEFAULT_HEARTBEAT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0.05 <= seconds <= 3600:
-        raise OutputDirError(f"{HEARTBEAT_ENV}={value!r}: expected seconds between 0.05 and 3600")
-    return seconds
+    value = os.environ.get(HEARTBEAT_ENV) or str(DEFAULT_HEARTBEAT_S)
+    with contextlib.suppress(ValueError):
+        if 0.05 <= float(value) <= 3600:
+            return float(value)
+    raise OutputDirError(f"{HEARTBEAT_ENV}={value!r}: expected seconds between 0.05 and 3600")
 
 
 # ------------------------------------------------------------------------------ who holds it
@@ -131,9 +126,7 @@ def identity(heartbeat_s: float) -> dict:
         "pid": os.getpid(),
         "pid_start": started[1] if started else None,
         "since": now,
-        "since_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M:%S UTC"
-        ),
+        "since_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
         "slurm_job_id": env.get("SLURM_JOB_ID"),
         "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
         "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
@@ -333,13 +326,11 @@ class Claim:
 
 
 def _stop_main_thread(claim: Claim) -> None:
-    print(
-        f"cqil: this run lost its claim on {claim.out} ({claim.lost}); stopping before it writes more",
-        file=sys.stderr,
-        flush=True,
-    )
     import _thread
 
+    print(
+        f"cqil: this run lost its claim on {claim.out} ({claim.lost}); stopping", file=sys.stderr, flush=True
+    )
     _thread.interrupt_main()
 
 
@@ -487,12 +478,8 @@ def _share(accelerator, verdict: dict | None) -> dict:
     from accelerate.utils import broadcast
 
     buf = torch.zeros(VERDICT_BYTES, dtype=torch.uint8, device=accelerator.device)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # messages are capped well below VERDICT_BYTES (_verdict_of)
         data = json.dumps(verdict).encode("utf-8")
-        if len(data) > VERDICT_BYTES:
-            data = json.dumps(
-                {k: (v[:1000] if isinstance(v, str) else v) for k, v in verdict.items()}
-            ).encode()
         buf[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     broadcast(buf, from_process=0)
     return json.loads(bytes(buf.cpu().tolist()).rstrip(b"\0").decode("utf-8"))
@@ -510,12 +497,13 @@ def _verdict_of(action: Callable[[], object]) -> tuple[dict, object]:
     try:
         return {}, action()
     except CqilError as e:
-        return {
-            "error": str(e),
-            "kind": type(e).__name__ if type(e).__name__ in _KINDS else "OutputDirError",
-        }, None
+        kind = type(e).__name__ if type(e).__name__ in _KINDS else "OutputDirError"
+        return {"error": str(e)[:1500], "kind": kind}, None
     except Exception as e:  # a bug: every rank must still hear of it, or the others wait forever
-        return {"error": f"the main process failed to claim the output folder: {e!r}", "kind": "bug"}, e
+        return {
+            "error": f"the main process failed to claim the output folder: {e!r}"[:1500],
+            "kind": "bug",
+        }, e
 
 
 Checked = TypeVar("Checked")
