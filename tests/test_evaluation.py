@@ -165,3 +165,64 @@ def test_static_cache_decode_gives_the_eager_tokens_run_after_run(bypass, gates,
             decode.prepare()()  # a timed run in between: the next run starts from the prompt again
             assert decode.tokens() == expected
             assert int(decode.cache.get_seq_length()) == 8 + 6
+
+
+# ---------------------------------------------------------------------------------------------- out of domain
+def test_a_run_measures_every_document_of_its_other_domain_text_and_names_the_key_when_it_cannot(tmp_path):
+    import json
+
+    from cqil.errors import RecipeError
+    from cqil.evaluation.metrics import document_blocks
+    from cqil.recovery.measure import prepare_eval, run_perplexity
+    from cqil.recovery.recipe import recipe_from_dict
+    from cqil.testing import make_tokenizer, write_corpus
+
+    corpus = write_corpus(tmp_path / "train.jsonl.gz", repeats=10)
+    other = tmp_path / "other.jsonl"
+    docs = [
+        ("the river flows to the sea " * 3, "Rivers"),
+        ("a b", "Rivers"),
+        ("god made light " * 4, "Light"),
+    ]
+    other.write_text(
+        "".join(json.dumps({"text": t, "meta": {"redpajama_set_name": s}}) + "\n" for t, s in docs)
+    )
+    raw = {
+        "parallelize": {"groups": "2-6:2"},
+        "train": {"seq_len": 8},
+        "data": {"train": str(corpus), "eval_fraction": 0.5},
+        "eval": {"num_sequences": 4, "other_domain": str(other)},
+        "output_dir": "out",
+    }
+    tokenizer, model = make_tokenizer(), make_model("llama")
+    heldout = prepare_eval(recipe_from_dict(raw), "r.yaml", tokenizer)
+    tokens, labels = document_blocks(tokenizer, other, seq_len=8)
+    assert torch.equal(heldout.other_domain[0], tokens) and heldout.other_domain[1] == labels
+    assert set(labels) == {"Rivers", "Light"} and heldout.other_domain_name == str(other)
+    lines = []
+    result = run_perplexity(model, heldout, batch_size=2, label="original", log=lines.append)
+    expected = perplexity(model, tokens, sources=labels, progress=False)
+    assert result["other_domain"]["nll"] == pytest.approx(expected["nll"], rel=1e-6)
+    assert result["other_domain"]["dataset"] == str(other)
+    assert result["nll"] == pytest.approx(perplexity(model, heldout.tokens, progress=False)["nll"], rel=1e-6)
+    assert any(line.startswith("cqil: out-of-domain perplexity, original: ") for line in lines)
+    # A missing file, or text with no document of a whole block, is one error naming the key.
+    for bad, message in ((tmp_path / "missing.jsonl", "no JSONL"), (tmp_path / "short.jsonl", "no document")):
+        (tmp_path / "short.jsonl").write_text(json.dumps({"text": "a b"}) + "\n")
+        raw["eval"]["other_domain"] = str(bad)
+        with pytest.raises(RecipeError, match=rf"^r.yaml: eval.other_domain: .*{message}"):
+            prepare_eval(recipe_from_dict(raw), "r.yaml", tokenizer)
+
+
+def test_the_standard_error_of_an_accuracy_is_the_harness_own():
+    from lm_eval.api.metrics import mean_stderr
+
+    from cqil.evaluation.metrics import binary_stderr
+
+    for ones, n in ((219, 500), (1, 2), (0, 25), (400, 400)):
+        assert binary_stderr(ones / n, n) == pytest.approx(
+            mean_stderr([1.0] * ones + [0.0] * (n - ones)), abs=1e-12
+        )
+    assert binary_stderr(0.438, 1000) == pytest.approx(
+        0.0157, abs=1e-4
+    )  # about 1.6 points at 1,000 questions

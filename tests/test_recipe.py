@@ -193,6 +193,10 @@ def test_defaults_and_overrides():
         ("train.loss={kd: 0, lm: 0, hidden: 0}", "train.loss", "nothing would train"),
         ("train.trackers=[mlflow]", "train.trackers[0]", "one of"),
         ("train=3", "train", "mapping"),
+        ("eval.other_domain=3", "eval.other_domain", "string"),
+        ("eval.other_domain=[]", "eval.other_domain", "an empty list"),
+        ("eval.other_domain=hf://org/set", "eval.other_domain", "local files only"),
+        ("eval.other_domain=data/sample/train.jsonl.gz", "eval.other_domain", "is in data.train"),
     ],
 )
 def test_errors_name_the_file_and_dotted_path(tmp_path, override, path, message):
@@ -203,6 +207,16 @@ def test_errors_name_the_file_and_dotted_path(tmp_path, override, path, message)
     # An override's error names the command line and the override, not the recipe file.
     assert str(caught.value).startswith(f"<command line>: {override}: ")
     assert caught.value.path == override and path
+
+
+def test_other_domain_text_is_a_list_of_paths_and_the_default_names_a_shipped_frozen_set():
+    assert recipe_from_dict(MINIMAL).eval.other_domain is None
+    one = recipe_from_dict(MINIMAL, overrides=["eval.other_domain=data/other_domain/dialogue.jsonl.gz"])
+    assert one.eval.other_domain == ["data/other_domain/dialogue.jsonl.gz"]
+    root = Path(__file__).resolve().parents[1]
+    default = load_recipe(root / "recipes" / "smollm2_135m.yaml").eval.other_domain
+    frozen = {"dialogue.jsonl.gz", "science_docs.jsonl.gz", "project_readmes.jsonl.gz"}
+    assert default and all(Path(p).name in frozen and (root / p).is_file() for p in default)
 
 
 def test_the_local_loss_refuses_adapters_outside_the_groups(tmp_path):

@@ -451,6 +451,38 @@ def test_cli_evaluate_writes_the_report(exported, tmp_path, capsys):
     assert set(report["perplexity"]) == {"recovered"} and "latency" not in report
 
 
+def test_cli_evaluate_measures_every_document_of_the_other_domain_text(exported, tmp_path, capsys):
+    from cqil.evaluation.metrics import document_blocks
+
+    root, recovered = exported
+    other = tmp_path / "other.jsonl"
+    docs = [
+        ("the river flows to the sea " * 3, "Rivers"),
+        ("a b", "Rivers"),
+        ("god made light " * 4, "Light"),
+    ]
+    other.write_text(
+        "".join(json.dumps({"text": t, "meta": {"redpajama_set_name": s}}) + "\n" for t, s in docs)
+    )
+    argv = ["evaluate", root / "model", "--other-domain", other, "--seq-len", 8, "--no-latency"]
+    assert run_cli(*argv, "--out", tmp_path / "r") == 0
+    assert capsys.readouterr().out.startswith("text the run did not train on (recovered perplexity ")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    # Each document packed on its own: the short one gives no block, none spans two documents.
+    tokens, sources = document_blocks(make_tokenizer(), other, seq_len=8)
+    assert sources == ["Rivers"] * (len(sources) - sources.count("Light")) + ["Light"] * sources.count(
+        "Light"
+    )
+    expected = perplexity(recovered, tokens, sources=sources, progress=False)
+    assert report["other_domain"]["recovered"]["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    assert set(report["other_domain_by_source"]) == {"Rivers", "Light"}
+    assert report["other_domain_dataset"] == str(other) and "perplexity" not in report
+    assert (
+        "### Out-of-domain perplexity, text the run did not train on"
+        in (tmp_path / "r" / "report.md").read_text()
+    )
+
+
 @pytest.mark.parametrize(
     "case, match",
     [
@@ -459,6 +491,8 @@ def test_cli_evaluate_writes_the_report(exported, tmp_path, capsys):
         ("unknown_task", "'nope'"),
         ("out_exists", "not empty"),
         ("missing_data", "no such file"),
+        ("missing_other_domain", "--other-domain"),
+        ("short_other_domain", "no document of 8 tokens or more"),
     ],
 )
 def test_cli_evaluate_bad_input_is_one_line_and_writes_nothing(case, match, exported, tmp_path, capsys):
@@ -477,6 +511,11 @@ def test_cli_evaluate_bad_input_is_one_line_and_writes_nothing(case, match, expo
         (out / "keep.txt").write_text("mine")
     elif case == "missing_data":
         data = tmp_path / "missing.jsonl"
+    elif case == "missing_other_domain":
+        extra = ["--other-domain", tmp_path / "missing.jsonl"]
+    elif case == "short_other_domain":
+        (tmp_path / "short.jsonl").write_text(json.dumps({"text": "a b"}) + "\n")
+        extra = ["--other-domain", tmp_path / "short.jsonl"]
     code = run_cli(
         "evaluate",
         model,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import glob
 
 from cqil.cli.common import check_data_paths
+from cqil.errors import DataNotFoundError
 
 
 def add_evaluate_parser(subparsers) -> None:
@@ -19,6 +21,12 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("model", help="a cqil export folder (output_dir/model of a recovery run)")
     p.add_argument("--original", help="the original model: an embedded name, a folder or a Hub id")
     p.add_argument("--data", nargs="+", help="held-out JSONL(.gz/.zst) / Parquet text for perplexity")
+    p.add_argument(
+        "--other-domain",
+        nargs="+",
+        help="text the model was not trained on (e.g. data/other_domain/dialogue.jsonl.gz): every "
+        "document's perplexity, each packed on its own; leads the report",
+    )
     p.add_argument(
         "--tasks", nargs="+", default=[], help="lm-eval tasks (local cqil_* ones ship in data/tasks)"
     )
@@ -46,12 +54,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     refuse_if_claimed(args.out)  # a report folder inside a live run's output_dir waits for its end
     check_data_paths(args.data)
+    for path in args.other_domain or []:
+        if not glob.glob(path):
+            raise DataNotFoundError(f"--other-domain {path!r}: no such file or directory")
     report = evaluate(
         args.model,
         original=args.original,
         data=args.data,
         seq_len=args.seq_len,
         num_sequences=args.num_sequences,
+        other_domain=args.other_domain,
         batch_size=args.batch_size,
         tasks=args.tasks,
         task_paths=args.task_path,

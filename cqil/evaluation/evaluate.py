@@ -15,6 +15,7 @@ import torch
 
 from cqil.evaluation.metrics import (
     check_tasks,
+    document_blocks,
     lm_eval_tasks,
     measure_latency,
     perplexity,
@@ -30,6 +31,7 @@ def evaluate(
     data: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     seq_len: int = 512,
     num_sequences: int = 32,
+    other_domain: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     batch_size: int = 4,
     tasks: Sequence[str] = (),
     task_paths: Sequence[str | os.PathLike] = (),
@@ -51,8 +53,11 @@ def evaluate(
     original model (a name for :func:`cqil.load_model`, or the model itself); with it, the
     ``parallelized`` stage is the original rewritten by the export's own plan and options with the
     gates at their initial values, i.e. the model before recovery. ``data``: held-out text for
-    perplexity (overall and per source, :func:`cqil.recovery.data.heldout_blocks`); ``tasks``: lm-eval
-    tasks; ``latency``: time the original and the recovered model side by side. Returns the report
+    perplexity (overall and per source, :func:`cqil.recovery.data.heldout_blocks`); ``other_domain``:
+    text the model was not trained on, every document packed on its own
+    (:func:`cqil.evaluation.metrics.document_blocks`), whose perplexity and gap closed lead the
+    report; ``tasks``: lm-eval tasks; ``latency``: time the original and the recovered model side by
+    side. Returns the report
     (:mod:`cqil.evaluation.report` documents it) and, with ``out_dir``, writes it there. Bad input (an existing
     ``out_dir``, an unknown task, a folder that is not an export, text with nothing usable) fails
     before any model is evaluated, and nothing is written.
@@ -101,6 +106,12 @@ def evaluate(
             source_field=source_field,
             text_field=text_field,
         )
+    other_paths = None
+    if other_domain is not None:  # the same: a missing file or one without a whole block fails now
+        other_paths = [other_domain] if isinstance(other_domain, (str, os.PathLike)) else list(other_domain)
+        other_tokens, other_sources = document_blocks(
+            tokenizer, other_paths, seq_len=seq_len, source_field=source_field, text_field=text_field
+        )
     if folder is not None:
         model = load_export(folder, dtype=dtype, device=device)
     device = next(model.parameters()).device
@@ -127,6 +138,12 @@ def evaluate(
             name: perplexity(m, tokens, sources=sources, batch_size=batch_size, progress=progress)
             for name, m in stages.items()
         }
+    if other_paths is not None:
+        perplexity_results = perplexity_results or {name: {} for name in stages}
+        for name, m in stages.items():
+            perplexity_results[name]["other_domain"] = perplexity(
+                m, other_tokens, sources=other_sources, batch_size=batch_size, progress=progress
+            )
     if tasks:
         lm_eval = {
             name: lm_eval_tasks(
@@ -150,6 +167,7 @@ def evaluate(
         plan=plan_summary(plan, cqil),
         perplexity_results=perplexity_results,
         eval_dataset=", ".join(map(str, paths)) if data is not None else None,
+        other_domain_dataset=", ".join(map(str, other_paths)) if other_paths is not None else None,
         lm_eval=lm_eval,
         lm_eval_settings={"tasks": list(tasks), "limit": task_limit, "num_fewshot": num_fewshot}
         if tasks

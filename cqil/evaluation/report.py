@@ -107,7 +107,9 @@ def build_report(
     """
     report: dict = {"schema_version": SCHEMA_VERSION, "base_model": base_model, "plan": plan}
     if perplexity_results:
-        report |= _perplexity_entries(perplexity_results, HELDOUT_KEYS)
+        heldout = {s: r for s, r in perplexity_results.items() if "ppl" in r}
+        if heldout:  # cqil evaluate may measure the out-of-domain text alone
+            report |= _perplexity_entries(heldout, HELDOUT_KEYS)
         other = {s: r["other_domain"] for s, r in perplexity_results.items() if r.get("other_domain")}
         if other:
             report |= _perplexity_entries(other, OTHER_DOMAIN_KEYS)

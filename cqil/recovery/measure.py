@@ -20,12 +20,15 @@ from cqil.recovery.recipe import EvalConfig, Recipe
 
 @dataclass
 class HeldOut:
-    """What a run measures its models on: the held-out sequences, each one's source label, and the
-    lm-eval task manager of the recipe's tasks (None without tasks)."""
+    """What a run measures its models on: the held-out sequences, each one's source label, the
+    lm-eval task manager of the recipe's tasks (None without tasks), and the blocks of
+    ``eval.other_domain`` with their source labels and its paths (None without it)."""
 
     tokens: torch.Tensor
     sources: list[str]
     task_manager: Any = None
+    other_domain: tuple[torch.Tensor, list[str]] | None = None
+    other_domain_name: str | None = None
 
 
 def before_label(mode: str) -> str:
@@ -60,6 +63,20 @@ def prepare_eval(recipe: Recipe, source: str, tokenizer) -> HeldOut:
         except (UnknownTaskError, FileNotFoundError) as e:
             key = "eval.task_paths" if isinstance(e, FileNotFoundError) else "eval.tasks"
             raise RecipeError(source, key, str(e)) from None
+    if recipe.eval.other_domain:  # every document of text the run does not train on
+        from cqil.evaluation.metrics import document_blocks
+
+        try:
+            heldout.other_domain = document_blocks(
+                tokenizer,
+                recipe.eval.other_domain,
+                seq_len=recipe.train.seq_len,
+                source_field=data.source_field,
+                text_field=data.text_field,
+            )
+        except (ValueError, FileNotFoundError) as e:  # DataError, DataNotFoundError, a file of no record
+            raise RecipeError(source, "eval.other_domain", str(e)) from None
+        heldout.other_domain_name = ", ".join(recipe.eval.other_domain)
     return heldout
 
 
@@ -78,6 +95,11 @@ def run_perplexity(model: nn.Module, heldout: HeldOut, *, batch_size: int, label
     result["seconds"] = round(time.time() - t0, 1)
     sources = ", ".join(f"{k} {v['ppl']:.3f}" for k, v in result["by_source"].items())
     log(f"cqil: held-out perplexity, {label}: {result['ppl']:.3f} ({result['tokens']} tokens; {sources})")
+    if heldout.other_domain is not None:  # the report's headline (cqil.evaluation.report)
+        tokens, labels = heldout.other_domain
+        other = perplexity(model, tokens, sources=labels, batch_size=batch_size, progress=False)
+        result["other_domain"] = other | {"dataset": heldout.other_domain_name}
+        log(f"cqil: out-of-domain perplexity, {label}: {other['ppl']:.3f} ({other['tokens']} tokens)")
     return result
 
 

@@ -272,6 +272,11 @@ class EvalConfig:
     """Held-out perplexity of the original, parallelized (or coalesced) and recovered models."""
 
     num_sequences: int = _f(32, "held-out sequences of train.seq_len tokens", ge=1)
+    other_domain: str | list[str] | None = _f(
+        None,
+        "text the run does not train on (local JSONL files, folders or globs): every document's "
+        "perplexity, each packed on its own, leads the report; null: the held-out split alone",
+    )
     batch_size: int = _f(4, "sequences per forward pass", ge=1)
     before: bool = _f(True, "also measure the original and the untrained parallelized (or coalesced) model")
     tasks: list[str] = _f(
@@ -288,6 +293,10 @@ class EvalConfig:
     latency_new_tokens: int = _f(64, "greedy tokens of the timed decode (batch 1, KV cache)", ge=1)
     latency_reps: int = _f(3, "interleaved timing repetitions (medians are reported)", ge=1)
     report: bool = _f(True, "write output_dir/report/ (report.json, report.md, plots)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.other_domain, str):  # one path or many: a list from here on
+            self.other_domain = [self.other_domain]
 
 
 @dataclass(kw_only=True)
@@ -358,6 +367,26 @@ class Recipe:
                 raise RecipeError(source, "data.mixture", "weights sum to 0")
         if not self.data.train:
             raise RecipeError(source, "data.train", "no training data given")
+        self._check_other_domain(source)
+
+    def _check_other_domain(self, source: str) -> None:
+        """``eval.other_domain`` names local text that is none of the training data's paths (the files
+        themselves are read, and a missing one named, before training starts)."""
+        paths = self.eval.other_domain
+        if paths is None:
+            return
+        if not paths:
+            raise RecipeError(source, "eval.other_domain", "an empty list; null measures no other text")
+        train = {os.path.normpath(p) for p in self.data.train}
+        for path in paths:
+            if path.startswith("hf://"):
+                raise RecipeError(source, "eval.other_domain", f"{path}: local files only (not hf://)")
+            if os.path.normpath(path) in train:
+                raise RecipeError(
+                    source,
+                    "eval.other_domain",
+                    f"{path} is in data.train: it must be text the run does not train on",
+                )
 
 
 # ---------------------------------------------------------------------------------------- loading
