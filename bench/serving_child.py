@@ -10,11 +10,11 @@ llama: JOB = {"models": {variant: gguf path}, "threads", "reps", "prefill_len", 
 the order alternating (A B, then B A). RESULT = {variant: {"prefill_s": [...], "decode_s": [...]}}.
 
 vllm: JOB = {"instances": [{"variant", "model", "tp", "dtype"}, ...], "reps", "prefill_len",
-"prompt_len", "new_tokens", "batch", "prompt": [ids], "max_model_len"}. vLLM holds a large engine
-(worker processes, a KV cache; ranks always in worker processes, one core each) per model and two idle engines on a small CPU would spin against the
-timed one, so instances run one at a time, in the order given (the parent lists them A B B A). Each
-instance is built, warmed up, timed ``reps`` times, and released. RESULT = {"runs": [{"variant",
-"tp", "prefill_s", "decode_s", "batch_s", "build_s", "loadavg"}, ...]} or a run with "error".
+"prompt_len", "new_tokens", "batch", "prompt": [ids], "max_model_len", "eager"}. Every variant's
+engine (worker processes, one core per rank, and a KV cache) is built once and held; each repetition
+times every variant, the order rotating. RESULT = {"variants": {variant: {"prefill_s": [...],
+"decode_s": [...], "batch_s": [...], "build_s", "compilation", "loadavg": [...]}}, "order": [[...]],
+"threads_bind"} or {"error": {...}} naming the variant that failed to build.
 """
 
 from __future__ import annotations
@@ -114,31 +114,67 @@ def bind_threads(tp: int, per_rank: int) -> None:
     )
 
 
-def run_vllm_instance(job: dict, inst: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def build_vllm(job: dict, inst: dict):
+    from vllm import LLM
 
     bind_threads(inst["tp"], job.get("threads_per_rank", 1))
-    start = time.perf_counter()
-    llm = LLM(
+    return LLM(
         model=inst["model"],
         dtype=inst["dtype"],
         tensor_parallel_size=inst["tp"],
-        enforce_eager=True,
+        # As deployed: vLLM's default compilation (on CPU dynamo traces the model once and inductor
+        # compiles it; on CUDA it also captures CUDA graphs) unless the job asks for eager mode.
+        enforce_eager=job.get("eager", False),
         distributed_executor_backend="mp",  # a worker process per rank, at TP=1 too (see bind_threads)
         max_model_len=job["max_model_len"],
         max_num_seqs=max(job["batch"], 1),
         max_num_batched_tokens=max(job["max_model_len"], job["batch"] * job["prompt_len"]),
         enable_prefix_caching=False,  # the same prompts repeat: a prefix cache would skip the prefill
+        kv_cache_memory_bytes=job.get("kv_cache_bytes", 256 << 20),  # several engines are held at once
         skip_tokenizer_init=True,
         seed=0,
     )
-    built = time.perf_counter() - start
+
+
+def run_vllm(job: dict, out_path: str) -> dict:
+    """Every variant's engine is built once and held; each repetition times every variant, the order
+    rotating and reversing from one repetition to the next (an idle engine's workers stop polling
+    after a second, so the held ones do not compete with the timed one)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    variants = [inst["variant"] for inst in job["instances"]]
+    result = {"variants": {}, "order": []}
+    engines = {}
+    for inst in job["instances"]:
+        start = time.perf_counter()
+        try:
+            engines[inst["variant"]] = build_vllm(job, inst)
+        except Exception as e:  # report and stop: the parent says which variant failed
+            result["error"] = {
+                "variant": inst["variant"],
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
+            return result
+        config = engines[inst["variant"]].llm_engine.vllm_config.compilation_config
+        result["variants"][inst["variant"]] = {
+            "build_s": time.perf_counter() - start,
+            "compilation": {
+                "mode": getattr(config.mode, "name", str(config.mode)),
+                "backend": config.backend,
+                "cudagraph_mode": str(config.cudagraph_mode),
+            },
+            "prefill_s": [],
+            "decode_s": [],
+            "batch_s": [],
+            "loadavg": [],
+        }
 
     def params(n: int):
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
 
-    def timed(prompts, n: int, llm=llm) -> float:
+    def timed(llm, prompts, n: int) -> float:
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params(n), use_tqdm=False)
         elapsed = time.perf_counter() - t
@@ -151,60 +187,42 @@ def run_vllm_instance(job: dict, inst: dict) -> dict:
     batch = [job["prompt"][i : i + job["prompt_len"]] for i in range(job["batch"])]
     n = job["new_tokens"]
 
-    def one_rep() -> dict:
+    def one_rep(llm) -> dict:
         # Decode = (prompt + 1 + n tokens) - (prompt + 1 token): n steps of one token with the KV cache.
-        first = timed([prompt], 1)
-        full = timed([prompt], n + 1)
+        first = timed(llm, [prompt], 1)
+        full = timed(llm, [prompt], n + 1)
         return {
-            "prefill_s": timed([prefill_ids], 1),
+            "prefill_s": timed(llm, [prefill_ids], 1),
             "decode_s": full - first,
-            "batch_s": timed(batch, n) if job["batch"] else None,
+            "batch_s": timed(llm, batch, n) if job["batch"] else None,
         }
 
-    one_rep()  # warmup
-    reps = []
+    for variant in variants:  # warmup
+        one_rep(engines[variant])
     for rep in range(job["reps"]):
-        reps.append(one_rep())
-        r = reps[-1]
-        print(
-            f"vllm {inst['variant']} tp{inst['tp']} rep {rep + 1}/{job['reps']}: prefill "
-            f"{r['prefill_s'] * 1e3:.0f} ms, decode {r['decode_s'] / n * 1e3:.1f} ms/token"
-            + (f", batch {job['batch'] * n / r['batch_s']:.0f} tok/s" if r["batch_s"] else ""),
-            file=sys.stderr,
-            flush=True,
-        )
-    result = {
-        "variant": inst["variant"],
-        "tp": inst["tp"],
-        "dtype": inst["dtype"],
-        "build_s": built,
-        "prefill_s": [r["prefill_s"] for r in reps],
-        "decode_s": [r["decode_s"] for r in reps],
-        "batch_s": [r["batch_s"] for r in reps],
-        "loadavg": os.getloadavg()[0],
-        "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-    }
-    del llm
-    gc.collect()
-    return result
-
-
-def run_vllm(job: dict, out_path: str) -> dict:
-    result = {"runs": []}
-    for inst in job["instances"]:
-        try:
-            result["runs"].append(run_vllm_instance(job, inst))
-        except Exception as e:  # report and go on: the parent says which instance failed
-            result["runs"].append(
-                {
-                    "variant": inst["variant"],
-                    "tp": inst["tp"],
-                    "error": f"{type(e).__name__}: {e}",
-                    "traceback": traceback.format_exc()[-4000:],
-                }
+        order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
+        order = order[::-1] if rep % 2 else order
+        result["order"].append(order)
+        for variant in order:
+            r = one_rep(engines[variant])
+            got = result["variants"][variant]
+            for kind in ("prefill_s", "decode_s", "batch_s"):
+                got[kind].append(r[kind])
+            got["loadavg"].append(os.getloadavg()[0])
+            print(
+                f"vllm {variant} tp{job['instances'][0]['tp']} rep {rep + 1}/{job['reps']}: prefill "
+                f"{r['prefill_s'] * 1e3:.0f} ms, decode {r['decode_s'] / n * 1e3:.1f} ms/token"
+                + (f", batch {job['batch'] * n / r['batch_s']:.0f} tok/s" if r["batch_s"] else ""),
+                file=sys.stderr,
+                flush=True,
             )
         with open(out_path, "w") as f:  # partial results survive a later crash
             json.dump(result, f)
+    result["threads_bind"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    for llm in engines.values():
+        del llm
+    engines.clear()
+    gc.collect()
     return result
 
 
