@@ -48,6 +48,7 @@ from _common import (
     REPO,
     RESULTS,
     emit,
+    loadavg,
     measure_latency,
     ratio_cell,
     read_jsonl,
@@ -200,6 +201,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    load_start = loadavg()  # a figure from a loaded machine is a noisy one: each line says how loaded
     modes = args.modes or list(available_modes(device))
     models, plan, spec = build_models(args, device)
     first = variant_name(args.variants[0])
@@ -211,7 +213,8 @@ def main() -> None:
             assert torch.isfinite(logits).all(), "the parallelized model produced non-finite logits"
         print(
             f"model {args.model}  plan {spec}  layers {plan.num_layers} -> {plan.num_layers_after}  "
-            f"threads {args.threads}  device {device}  dtype {args.dtype}  modes {' '.join(modes)}",
+            f"threads {args.threads}  device {device}  dtype {args.dtype}  modes {' '.join(modes)}  "
+            f"load average {load_start}",
             flush=True,
         )
         ideal = plan.ideal_speedup
@@ -316,6 +319,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "threads": args.threads,
         "reps": args.reps,
+        "loadavg": {"start": load_start, "end": loadavg()},
     }
     emit(summary, args.out)
 
