@@ -23,3 +23,15 @@ def test_unknown_settings_are_errors():
         serving_engines("wide", "fixed")
     with pytest.raises(ValueError, match="gate"):
         serving_engines("lp", "trained")
+
+
+@pytest.mark.parametrize("bypass, gates", [("lp", "fixed"), ("cqil", "learned")])
+def test_the_report_says_which_engines_serve_the_model(bypass, gates):
+    from cqil.evaluation.report import plan_summary, render_markdown
+    from cqil.rewrite.plan import GroupPlan
+
+    plan = plan_summary(GroupPlan.parse("2-6:2", 8), {"bypass": bypass, "gates": gates, "form": "merged"})
+    text = render_markdown({"schema_version": 1, "base_model": "tiny", "plan": plan})
+    line = next(x for x in text.splitlines() if x.startswith("- Engines: "))
+    assert line == f"- Engines: {describe_engines(bypass, gates)}."
+    assert ("llama.cpp/Ollama (GGUF)" in line.split("; not by")[0]) is (bypass == "lp")

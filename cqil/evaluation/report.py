@@ -61,6 +61,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cqil.evaluation.latency_report import latency_clause, latency_markdown, quality_latency_png
+from cqil.export.engines import describe_engines
 from cqil.files import check_out_dir, staged_folder
 
 SCHEMA_VERSION = 1
@@ -262,8 +263,7 @@ def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
         lines += _perplexity_table(title, report, OTHER_DOMAIN_KEYS)
     if report.get("perplexity"):
         where = f" (`{report['eval_dataset']}`)" if report.get("eval_dataset") else ""
-        text = heldout_text(report).removeprefix("the ")
-        lines += _perplexity_table(f"Perplexity on {text}{where}", report, HELDOUT_KEYS)
+        lines += _perplexity_table(f"Perplexity on {heldout_text(report)}{where}", report, HELDOUT_KEYS)
     lines += lm_eval_markdown(report)
     lines += latency_markdown(report)
     names = [p for p in report.get("plots", [])]
@@ -355,6 +355,8 @@ def render_markdown(report: Mapping) -> str:
             f"{plan['num_layers_after']} sequential layers (ideal {plan['ideal_speedup']:.2f}×); bypass "
             f"`{plan.get('bypass')}`, gates `{plan.get('gates')}`, form `{plan.get('form')}`.",
         ]
+        if mode == "parallel" and plan.get("bypass") and plan.get("gates"):
+            lines.append(f"- Engines: {describe_engines(plan['bypass'], plan['gates'])}.")
     if report.get("tokens_trained") is not None:
         lines.append(f"- Trained {report.get('steps', 0)} steps on {report['tokens_trained']:,} tokens.")
     for key, text in (("other_domain", OTHER_DOMAIN), ("perplexity", heldout_text(report))):
@@ -362,7 +364,7 @@ def render_markdown(report: Mapping) -> str:
         if all(s in ppl for s in STAGES):
             lines.append(
                 "- Perplexity on {}: original {:.2f}, parallelized {:.2f}, recovered {:.2f}.".format(
-                    text.removeprefix("the "), *(ppl[s]["ppl"] for s in STAGES)
+                    text, *(ppl[s]["ppl"] for s in STAGES)
                 )
             )
     lines += ["", *results_markdown(report)]
