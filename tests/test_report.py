@@ -122,7 +122,7 @@ def test_the_shipped_local_tasks_are_known_offline():
     assert {"cqil_next_sentence", "cqil_last_word", "cqil_next_line"} <= set(manager.all_tasks)
     for name in ("cqil_next_sentence", "cqil_last_word", "cqil_next_line"):
         rows = (LOCAL_TASKS / f"{name}.jsonl").read_text().splitlines()
-        assert len(rows) == 200 and all(json.loads(r)["context"] for r in rows)
+        assert len(rows) == 500 and all(json.loads(r)["context"] for r in rows)
 
 
 def test_an_unknown_task_is_named(tmp_path):
@@ -237,7 +237,7 @@ def test_a_run_headline_leads_with_the_text_it_did_not_train_on():
         "training sources"
     )
     md = render_markdown(report)
-    ood, ind = md.index("### Out-of-domain perplexity"), md.index("### Perplexity on in-domain held-out")
+    ood, ind = md.index("### Out-of-domain perplexity"), md.index("### Perplexity on the in-domain held-out")
     assert ood < ind
     assert "| ProjectReadmes (300 tokens) | 25.00 | 41.00 | 29.00 | 75 % |" in md
     assert "| RedPajamaBook (100 tokens) | 10.00 | 20.00 | 9.00 | 110 % |" in md
