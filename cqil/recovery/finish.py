@@ -296,9 +296,8 @@ def finish_run(
     results = dict(results)
     output_dir = Path(output_dir)
     model.eval()
-    check_weights(
-        trainable.values(), run, output_dir
-    )  # never export what no checkpoint would have been written of
+    # Never export what no checkpoint would have been written of.
+    check_weights(trainable.values(), run, output_dir)
     # Under ZeRO-3 every rank enters the gathered contexts; only the main process writes. The
     # evaluation runs outside them: ZeRO-3's forward hooks release what a forward gathered.
     main = processes.is_main_process

@@ -316,7 +316,7 @@ class RecoveryTrainer:
         if acc.is_main_process:
             metrics.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.trim_metrics(metrics, state.step)
-        # Closed at the end of the loop, or by cleanup() whichever way the loop ends.
+        # Closed at the end of the loop, or by cleanup() when the loop raises.
         self._progress = report = progress.TrainingProgress(
             max_steps=train.max_steps,
             start_step=state.step,
