@@ -13,6 +13,11 @@ schedule keeps its shape), and prints one JSON line:
   (``data/other_domain/package_docs.jsonl.gz``, the READMEs of 21 packages, never trained or tuned
   on, with the gap closed per README; and a dev set of the same kind from another source,
   ``python_docs.jsonl.gz``, the Python language reference, the one to compare recipe variants on);
+* the same on each **frozen out-of-domain set** (``dialogue``, ``science_docs``, ``project_readmes``
+  of ``data/other_domain/``, committed before any model was measured on them; see
+  ``data/README.md``), every document, with the gap closed per document; and ``out_of_domain``: the
+  gap closed over the four test sets' tokens pooled, its lowest set and each set's
+  (``--domains`` measures fewer sets, for a quicker look);
 * the tokens trained, the wall time of the training loop and its threads.
 
 Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
@@ -40,10 +45,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["recipes/smollm2_135m.yaml", "recipes/lp_style.yaml", "recipes/cqil_style.yaml"]
 # Text of a domain the training sample lacks: "other_domain" is the test set (never tuned on);
 # "dev_domain" is the same kind of text from another source, on which recipe variants are compared.
+# The frozen sets are test sets like "other_domain" (see data/README.md).
 DOMAINS = {
     "other_domain": ROOT / "data" / "other_domain" / "package_docs.jsonl.gz",
     "dev_domain": ROOT / "data" / "other_domain" / "python_docs.jsonl.gz",
+    "dialogue": ROOT / "data" / "other_domain" / "dialogue.jsonl.gz",
+    "science_docs": ROOT / "data" / "other_domain" / "science_docs.jsonl.gz",
+    "project_readmes": ROOT / "data" / "other_domain" / "project_readmes.jsonl.gz",
 }
+# Sets nothing is chosen on; the pooled out-of-domain figure is over these (not the dev set).
+TEST_DOMAINS = ("other_domain", "dialogue", "science_docs", "project_readmes")
 
 
 def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
@@ -55,7 +66,8 @@ def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
     from cqil.recovery.data import iter_records, pack_tokens
 
     sets = {}
-    for name, path in DOMAINS.items():
+    for name in args.domains:
+        path = DOMAINS[name]
         blocks, titles = [], []
         for text, title in iter_records([path], source_field="meta.title"):
             rows = pack_tokens(tokenizer, [text], seq_len=recipe.train.seq_len)
@@ -67,13 +79,18 @@ def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
 
 
 def domain_perplexity(model, sets: dict) -> dict[str, dict]:
-    """``{"ppl", "by_document": {title: ppl}}`` of ``model`` on each domain set."""
+    """``{"ppl", "nll", "tokens", "by_document": {title: ppl}}`` of ``model`` on each domain set."""
     from cqil.evaluation.metrics import perplexity
 
     out = {}
     for name, (tokens, titles) in sets.items():
         r = perplexity(model, tokens, sources=titles, batch_size=8, progress=False)
-        out[name] = {"ppl": r["ppl"], "by_document": {t: v["ppl"] for t, v in r["by_source"].items()}}
+        out[name] = {
+            "ppl": r["ppl"],
+            "nll": r["nll"],
+            "tokens": r["tokens"],
+            "by_document": {t: v["ppl"] for t, v in r["by_source"].items()},
+        }
     return out
 
 
@@ -83,6 +100,10 @@ SCALED_KEYS = ("warmup_steps", "local_steps")
 
 def gap(original: float, before: float, after: float) -> float | None:
     return None if before <= original else (before - after) / (before - original)
+
+
+def rounded(g: float | None) -> float | None:
+    return None if g is None else round(g, 4)
 
 
 def scaled_overrides(recipe, scale: float, reference_steps: int) -> list[str]:
@@ -109,12 +130,35 @@ def domain_row(name: str, originals: dict, r: dict) -> dict:
         "tokens": r["domain_tokens"][name],
         "documents": r["domain_documents"][name],
     }
-    if name == "other_domain":
+    if name in TEST_DOMAINS:
         row["gap_closed_by_document"] = {
             title: None if (g := gap(*(x["by_document"][title] for x in three))) is None else round(g, 4)
             for title in three[2]["by_document"]
         }
     return row
+
+
+def pooled_row(originals: dict, r: dict) -> dict:
+    """The test sets measured, pooled: perplexity over all their predicted tokens, the gap closed on
+    that, the lowest set's gap and each set's."""
+    names = [n for n in TEST_DOMAINS if n in r["after"]]
+
+    def ppl(per_set: dict) -> float:
+        tokens = sum(per_set[n]["tokens"] for n in names)
+        return math.exp(sum(per_set[n]["nll"] * per_set[n]["tokens"] for n in names) / tokens)
+
+    three = ppl(originals), ppl(r["before"]), ppl(r["after"])
+    by_set = {n: gap(originals[n]["ppl"], r["before"][n]["ppl"], r["after"][n]["ppl"]) for n in names}
+    closed = [g for g in by_set.values() if g is not None]  # None: the rewrite lost nothing there
+    return {
+        "sets": names,
+        "original": round(three[0], 3),
+        "rewritten": round(three[1], 3),
+        "recovered": round(three[2], 3),
+        "gap_closed": rounded(gap(*three)),
+        "gap_closed_min": rounded(min(closed)) if closed else None,
+        "gap_closed_by_set": {n: rounded(g) for n, g in by_set.items()},
+    }
 
 
 def child(args) -> None:
@@ -203,6 +247,13 @@ def main(argv=None) -> int:
         default=None,
         help="blocks of each domain set (default: all of them, every document)",
     )
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        choices=list(DOMAINS),
+        default=list(DOMAINS),
+        help="the out-of-domain sets to measure (default: all)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="train.cpu_threads of every run")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     parser.add_argument(
@@ -258,6 +309,7 @@ def main(argv=None) -> int:
                 cmd += ["--heldout-sequences", str(args.heldout_sequences)]
                 if args.other_sequences is not None:
                     cmd += ["--other-sequences", str(args.other_sequences)]
+                cmd += ["--domains", *args.domains]
                 for s in sets:
                     cmd += ["--set", s]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -284,8 +336,10 @@ def main(argv=None) -> int:
                     },
                     "tokens": r["heldout_tokens"],
                 },
-                **{k: domain_row(k, originals, r) for k in DOMAINS},
+                **{k: domain_row(k, originals, r) for k in args.domains},
             }
+            if any(k in TEST_DOMAINS for k in args.domains):
+                row["out_of_domain"] = pooled_row(originals, r)
             line = json.dumps(row)
             print(line, flush=True)
             if args.out is not None:
