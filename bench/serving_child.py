@@ -13,7 +13,8 @@ vllm: JOB = {"instances": [{"variant", "model", "tp", "dtype"}, ...], "reps", "p
 "prompt_len", "new_tokens", "batch", "prompt": [ids], "max_model_len", "eager"}. Every variant's
 engine (worker processes, one core per rank, and a KV cache) is built once and held; each repetition
 times every variant, the order rotating. RESULT = {"variants": {variant: {"prefill_s": [...],
-"decode_s": [...], "batch_s": [...], "build_s", "compilation", "loadavg": [...]}}, "order": [[...]],
+"decode_s": [...], "batch_s": [...], "prefill_cpu_s": [...], "decode_cpu_s": [...], "build_s",
+"compilation", "loadavg": [...]}}, "order": [[...]],
 "threads_bind"} or {"error": {...}} naming the variant that failed to build.
 """
 
@@ -140,16 +141,23 @@ def run_vllm(job: dict, out_path: str) -> dict:
     """Every variant's engine is built once and held; each repetition times every variant, the order
     rotating and reversing from one repetition to the next (an idle engine's workers stop polling
     after a second, so the held ones do not compete with the timed one)."""
+    import psutil  # a vLLM dependency
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     variants = [inst["variant"] for inst in job["instances"]]
     result = {"variants": {}, "order": []}
-    engines = {}
+    engines, workers = {}, {}
+    me = psutil.Process()
     for inst in job["instances"]:
         start = time.perf_counter()
+        before = {p.pid for p in me.children(recursive=True)}
         try:
             engines[inst["variant"]] = build_vllm(job, inst)
+            # This engine's worker processes (one per rank): their CPU time is the model's compute
+            # plus their polling, which a loaded machine's other jobs do not stretch as they stretch
+            # wall-clock time.
+            workers[inst["variant"]] = [p for p in me.children(recursive=True) if p.pid not in before]
         except Exception as e:  # report and stop: the parent says which variant failed
             result["error"] = {
                 "variant": inst["variant"],
@@ -165,21 +173,35 @@ def run_vllm(job: dict, out_path: str) -> dict:
                 "backend": config.backend,
                 "cudagraph_mode": str(config.cudagraph_mode),
             },
+            "workers": len(workers[inst["variant"]]),
             "prefill_s": [],
             "decode_s": [],
             "batch_s": [],
+            "prefill_cpu_s": [],
+            "decode_cpu_s": [],
             "loadavg": [],
         }
 
     def params(n: int):
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
 
-    def timed(llm, prompts, n: int) -> float:
-        t = time.perf_counter()
+    def cpu_seconds(procs) -> float:
+        """User + system CPU seconds of the processes and their threads."""
+        total = 0.0
+        for proc in procs:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        return total
+
+    def timed(variant, prompts, n: int) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of the engine's workers) of one generate call. The engine core
+        in this process schedules the same steps for every variant; the workers run the model."""
+        llm, procs = engines[variant], workers[variant]
+        c, t = cpu_seconds(procs), time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params(n), use_tqdm=False)
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, cpu_seconds(procs) - c
         assert all(len(o.outputs[0].token_ids) == n for o in outs)
-        return elapsed
+        return elapsed, cpu
 
     prompt = list(job["prompt"][: job["prompt_len"]])
     prefill_ids = list(job["prompt"][: job["prefill_len"]])
@@ -187,32 +209,36 @@ def run_vllm(job: dict, out_path: str) -> dict:
     batch = [job["prompt"][i : i + job["prompt_len"]] for i in range(job["batch"])]
     n = job["new_tokens"]
 
-    def one_rep(llm) -> dict:
+    def one_rep(variant) -> dict:
         # Decode = (prompt + 1 + n tokens) - (prompt + 1 token): n steps of one token with the KV cache.
-        first = timed(llm, [prompt], 1)
-        full = timed(llm, [prompt], n + 1)
+        first = timed(variant, [prompt], 1)
+        full = timed(variant, [prompt], n + 1)
+        prefill = timed(variant, [prefill_ids], 1)
         return {
-            "prefill_s": timed(llm, [prefill_ids], 1),
-            "decode_s": full - first,
-            "batch_s": timed(llm, batch, n) if job["batch"] else None,
+            "prefill_s": prefill[0],
+            "decode_s": full[0] - first[0],
+            "prefill_cpu_s": prefill[1],
+            "decode_cpu_s": full[1] - first[1],
+            "batch_s": timed(variant, batch, n)[0] if job["batch"] else None,
         }
 
     for variant in variants:  # warmup
-        one_rep(engines[variant])
+        one_rep(variant)
     for rep in range(job["reps"]):
         order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
         order = order[::-1] if rep % 2 else order
         result["order"].append(order)
         for variant in order:
-            r = one_rep(engines[variant])
+            r = one_rep(variant)
             got = result["variants"][variant]
-            for kind in ("prefill_s", "decode_s", "batch_s"):
+            for kind in ("prefill_s", "decode_s", "batch_s", "prefill_cpu_s", "decode_cpu_s"):
                 got[kind].append(r[kind])
             got["loadavg"].append(os.getloadavg()[0])
             print(
                 f"vllm {variant} tp{job['instances'][0]['tp']} rep {rep + 1}/{job['reps']}: prefill "
                 f"{r['prefill_s'] * 1e3:.0f} ms, decode {r['decode_s'] / n * 1e3:.1f} ms/token"
-                + (f", batch {job['batch'] * n / r['batch_s']:.0f} tok/s" if r["batch_s"] else ""),
+                + (f", batch {job['batch'] * n / r['batch_s']:.0f} tok/s" if r["batch_s"] else "")
+                + f" (CPU: prefill {r['prefill_cpu_s'] * 1e3:.0f} ms, decode {r['decode_cpu_s'] / n * 1e3:.1f} ms/token)",
                 file=sys.stderr,
                 flush=True,
             )

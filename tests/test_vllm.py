@@ -1,10 +1,15 @@
 """vLLM serves cqil exports: greedy tokens and top-5 logprobs equal transformers' (cqil.export.load_export).
 
 Exports are built here (tiny Llama, Mistral, Qwen2 and Qwen3 models from configs, every bypass mode,
-both forms, a folded export, and the embedded SmolLM2 with plan ``14-26:2``), the reference is
-computed here with transformers, and vLLM runs in its own environment (``.venv-vllm``, made by
-``scripts/setup_engines.sh vllm``) through ``tests/vllm_child.py``: one subprocess for all cases,
-JSON in and out, ``LLM(model=..., dtype="float32", tensor_parallel_size=tp, enforce_eager=True)``.
+both forms, a folded export, and the embedded SmolLM2 with plan ``14-26:2`` as lp and cqil), the
+reference is computed here with transformers, and vLLM runs in its own environment (``.venv-vllm``,
+made by ``scripts/setup_engines.sh vllm``) through ``tests/vllm_child.py``: one subprocess for all
+cases, JSON in and out, ``LLM(model=..., dtype="float32", tensor_parallel_size=tp)``, eager
+(``enforce_eager=True``, quick to start) or compiled as vLLM deploys a model (``COMPILED``, the SmolLM2
+lp-fixed and cqil cases).
+
+The tier fails, not skips, when the vLLM environment exists but vLLM or the plugin does not import or
+register there (``test_the_plugin_registers``); it skips only without the environment.
 
 The tiny models use head_dim 32 (vLLM's CPU attention supports 32, 64, 80, ... but not 16) and
 plan [[1, 2], [3, 4, 5]]: under TP=2 the pair runs branch-local (one branch per rank, the
@@ -37,22 +42,60 @@ LOGPROB_ATOL = 2e-3  # float32 on both sides; measured differences are reported 
 PLAN = [[1, 2], [3, 4, 5]]
 SMOLLM_PLAN = "14-26:2"
 
-pytestmark = pytest.mark.engines
+PLUGIN_PROBE = """
+from transformers import AutoConfig
+from vllm import ModelRegistry
+from vllm.plugins import load_general_plugins
+
+load_general_plugins()  # what every vLLM process does: runs the entry point cqil.serving.vllm:register
+assert "CqilForCausalLM" in ModelRegistry.get_supported_archs(), "CqilForCausalLM is not registered"
+AutoConfig.for_model("cqil")  # the config class of model_type cqil
+import cqil.serving.vllm.model  # the model module vLLM imports by name when it builds a model
+"""
 
 
-def _vllm_problem() -> str | None:
-    """Why the vLLM environment cannot run, or None."""
-    if not VENV_PYTHON.is_file():
-        return f"{VENV_PYTHON} is missing: run scripts/setup_engines.sh vllm"
+def vllm_problem(python: Path = VENV_PYTHON) -> tuple[str, str] | None:
+    """None when vLLM runs the plugin in ``python``'s environment; otherwise ("skip", why) when there
+    is no vLLM environment at all, ("fail", why) when there is one and vLLM or the plugin is broken."""
+    if not python.is_file():
+        return "skip", f"{python} is missing: run scripts/setup_engines.sh vllm"
+    env = dict(os.environ, PYTHONPATH="", VLLM_NO_USAGE_STATS="1")
     probe = subprocess.run(
-        [str(VENV_PYTHON), "-c", "import vllm, cqil.serving.vllm"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [str(python), "-c", PLUGIN_PROBE], capture_output=True, text=True, timeout=300, env=env
     )
     if probe.returncode != 0:
-        return f"vllm or cqil.serving.vllm does not import in {VENV_PYTHON}: {probe.stderr.strip()[-500:]}"
+        return "fail", (
+            f"the cqil plugin does not import or register in {python} (rerun scripts/setup_engines.sh vllm): "
+            f"{probe.stderr.strip()[-1500:]}"
+        )
     return None
+
+
+def require_vllm() -> None:
+    """Skip without a vLLM environment; fail when it exists and vLLM or the plugin does not work."""
+    problem = vllm_problem()
+    if problem is None:
+        return
+    kind, why = problem
+    if kind == "skip":
+        pytest.skip(why)
+    pytest.fail(why)
+
+
+def test_a_broken_vllm_environment_fails_and_a_missing_one_skips(tmp_path):
+    assert vllm_problem(tmp_path / "absent" / "python")[0] == "skip"
+    broken = tmp_path / "python"
+    broken.write_text(
+        "#!/bin/sh\necho 'ModuleNotFoundError: No module named cqil.serving.vllm' >&2\nexit 1\n"
+    )
+    broken.chmod(0o755)
+    kind, why = vllm_problem(broken)
+    assert kind == "fail" and "cqil.serving.vllm" in why
+
+
+@pytest.mark.engines
+def test_the_plugin_registers():
+    require_vllm()
 
 
 # ------------------------------------------------------------------ the models
@@ -135,6 +178,18 @@ EXPORTS = [
 # and an all-reduce; the branches form loads into the same layout as the merged one) and Qwen3's
 # per-branch head norms sharded by rank. Each TP=2 start costs about 45 s of worker start-up.
 TP2 = ["llama-lp-fixed-merged", "llama-none-merged", "qwen3-cqil-merged"]
+# Compiled as vLLM deploys a model (no enforce_eager: on CPU dynamo traces it once and inductor
+# compiles it): one vLLM decoder layer per group (lp, fixed), a CqilGroup with gates (cqil, Qwen3 head
+# norms) and one without (none). The other cases run eager, which starts in seconds.
+COMPILED = ["llama-lp-fixed-merged", "qwen3-cqil-merged", "llama-none-merged"]
+# SmolLM2-135M with plan 14-26:2: (name, bypass, gates, compiled). lp with learned gates at their
+# initial 1 runs as a CqilGroup whose MLPs share their input; lp with fixed gates as vLLM's
+# LlamaDecoderLayer; cqil as a CqilGroup with gates.
+SMOLLM = [
+    ("smollm2-lp-learned", "lp", "learned", False),
+    ("smollm2-lp-fixed", "lp", "fixed", True),
+    ("smollm2-cqil", "cqil", "learned", True),
+]
 PROMPTS = [[3, 17, 42, 5, 88, 23, 61], [11, 4, 90, 33]]
 
 
@@ -204,32 +259,42 @@ def compare(ref: dict, got: dict) -> tuple[float, float, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Build every export and its reference, run vLLM once over all cases; {case: (ref, got)}."""
-    problem = _vllm_problem()
-    if problem:
-        pytest.skip(problem)
+def served(request, tmp_path_factory):
+    """Build the selected cases' exports and references, run vLLM once over them; {case: (ref, got)}."""
+    require_vllm()
+    # Only the cases this session runs (``-k`` selects some): a vLLM start costs seconds to minutes.
+    selected = {
+        item.callspec.params["case"]
+        for item in request.session.items
+        if "case" in getattr(getattr(item, "callspec", None), "params", {})
+    }
     root = tmp_path_factory.mktemp("vllm")
     runs, refs = [], {}
     for spec in EXPORTS:
         name = spec[0]
+        modes = [(tp, True) for tp in ((1, 2) if name in TP2 else (1,))]
+        modes += [(1, False)] if name in COMPILED else []
+        cases = [(tp, eager, f"{name}-tp{tp}" + ("" if eager else "-compiled")) for tp, eager in modes]
+        cases = [c for c in cases if c[2] in selected]
+        if not cases:
+            continue
         folder = build_export(spec, root)
         ref = reference(folder, PROMPTS)
-        for tp in (1, 2) if name in TP2 else (1,):
-            case = f"{name}-tp{tp}"
+        for tp, eager, case in cases:
             refs[case] = ref
             runs.append(
                 dict(
                     name=case,
                     model=str(folder),
                     tp=tp,
+                    eager=eager,
                     prompts=PROMPTS,
                     max_tokens=MAX_TOKENS,
                     logprobs=TOP_K,
                 )
             )
 
-    # The real model: SmolLM2-135M with plan 14-26:2 (lp, learned gates at their initial 1), its tokenizer.
+    # The real model with its tokenizer.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import cqil
@@ -238,26 +303,31 @@ def served(tmp_path_factory):
 
     source = fetch_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    cqil.parallelize(model, SMOLLM_PLAN, bypass="lp")
-    folder = export_model(model, root / "smollm2-lp", tokenizer=tokenizer)
-    del model
     prompts = [
         tokenizer("The capital of France is")["input_ids"],
         tokenizer("def fibonacci(n):")["input_ids"],
     ]
-    refs["smollm2-lp-tp1"] = reference(folder, prompts)
-    runs.append(
-        dict(
-            name="smollm2-lp-tp1",
-            model=str(folder),
-            tp=1,
-            prompts=prompts,
-            max_tokens=MAX_TOKENS,
-            logprobs=TOP_K,
-            tokenizer=True,
+    for name, bypass, gates, compiled in SMOLLM:
+        case = f"{name}-tp1" + ("-compiled" if compiled else "")
+        if case not in selected:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        cqil.parallelize(model, SMOLLM_PLAN, bypass=bypass, gates=gates)
+        folder = export_model(model, root / name, tokenizer=tokenizer)
+        del model
+        refs[case] = reference(folder, prompts)
+        runs.append(
+            dict(
+                name=case,
+                model=str(folder),
+                tp=1,
+                eager=not compiled,
+                prompts=prompts,
+                max_tokens=MAX_TOKENS,
+                logprobs=TOP_K,
+                tokenizer=True,
+            )
         )
-    )
 
     request, result = root / "request.json", root / "result.json"
     request.write_text(json.dumps({"runs": runs}))
@@ -277,7 +347,7 @@ def served(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=2400,
     )
     seconds = time.perf_counter() - start
     assert result.is_file(), f"vLLM child failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
@@ -286,14 +356,22 @@ def served(tmp_path_factory):
     return {case: (refs[case], got.get(case)) for case in refs}
 
 
-CASES = [f"{spec[0]}-tp1" for spec in EXPORTS] + [f"{n}-tp2" for n in TP2] + ["smollm2-lp-tp1"]
+CASES = (
+    [f"{spec[0]}-tp1" for spec in EXPORTS]
+    + [f"{n}-tp2" for n in TP2]
+    + [f"{n}-tp1-compiled" for n in COMPILED]
+    + [f"{name}-tp1" + ("-compiled" if compiled else "") for name, _, _, compiled in SMOLLM]
+)
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("case", CASES)
 def test_vllm_matches_transformers(case, served):
     ref, got = served[case]
     assert got is not None, f"{case}: vLLM did not run it"
     assert "error" not in got, f"{case}: {got['error']}\n{got.get('traceback', '')}"
+    # Compiled cases ran as vLLM deploys a model; eager ones with compilation off.
+    assert (got["compilation"] != "NONE") == case.endswith("-compiled"), got["compilation"]
     agreement, max_diff, problems = compare(ref, got)
     print(
         f"{case}: greedy tokens equal {agreement:.0%}, max |logprob diff| {max_diff:.2e}, {got.get('seconds')}"

@@ -3,7 +3,8 @@
     python vllm_child.py REQUEST.json RESULT.json
 
 REQUEST: {"runs": [{"name", "model", "tp", "prompts": [[ids...], ...], "max_tokens", "logprobs",
-"tokenizer": bool}]}. RESULT: {name: {"tokens": [[ids]], "logprobs": [[{id: logprob}]]}} or
+"tokenizer": bool, "eager": bool}]}; "eager" (default true) passes ``enforce_eager=True``, false runs
+the model as vLLM deploys it (compiled; on CPU dynamo traces it once and inductor compiles it). RESULT: {name: {"tokens": [[ids]], "logprobs": [[{id: logprob}]]}} or
 {name: {"error": "..."}}. Each run is a fresh LLM, released before the next one.
 """
 
@@ -43,7 +44,7 @@ def run_one(run: dict) -> dict:
         model=run["model"],
         dtype="float32",
         tensor_parallel_size=run["tp"],
-        enforce_eager=True,
+        enforce_eager=run.get("eager", True),
         max_model_len=run.get("max_model_len", 128),
         seed=0,
         max_num_seqs=8,
@@ -69,6 +70,7 @@ def run_one(run: dict) -> dict:
         "tokens": [],
         "logprobs": [],
         "seconds": {"build": built - start, "generate": generated - built},
+        "compilation": getattr(mode := llm.llm_engine.vllm_config.compilation_config.mode, "name", str(mode)),
     }
     for out in outputs:
         completion = out.outputs[0]
