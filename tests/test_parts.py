@@ -233,6 +233,10 @@ def test_preflight_names_each_bad_input(tiny):
         preflight.check_run(
             recipe(tiny, parallelize={"groups": "2-12:2"}), "r.yaml", out, OneProcess(), Lines()
         )
+    missing = recipe(tiny, eval={"other_domain": [str(tiny / "nope.jsonl")]})
+    with pytest.raises(RecipeError, match=r"eval\.other_domain: no JSONL or Parquet files"):
+        preflight.check_run(missing, "r.yaml", out, OneProcess(), Lines())
+    assert not out.exists()  # refused before anything is written
     out.write_text("a file")
     with pytest.raises(OutputDirError, match="is not a folder"):
         preflight.check_run(recipe(tiny), "r.yaml", out, OneProcess(), Lines())

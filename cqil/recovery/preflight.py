@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cqil.errors import ModelError, ModelNotFoundError, OutputDirError, RecipeError
+from cqil.errors import (
+    DataError,
+    DataNotFoundError,
+    ModelError,
+    ModelNotFoundError,
+    OutputDirError,
+    RecipeError,
+)
 from cqil.recovery import checkpoint, fingerprint, run_lock
 from cqil.recovery.checkpoint import list_checkpoints
 from cqil.recovery.progress import Log
@@ -109,9 +116,17 @@ def check_gguf_export(recipe: Recipe, source: str, config) -> None:
 
 def check_data(recipe: Recipe, source: str) -> None:
     """The data paths, files and mixture (:func:`cqil.recovery.data_checks.check_data`)."""
+    from cqil.recovery.data import expand_paths
     from cqil.recovery.data_checks import check_data as check
 
     check(recipe.data, source)
+    # The out-of-domain text is read only for the evaluation; a path that matches nothing is still
+    # bad input, so it is refused here, before the weights load and before anything is written.
+    for path in recipe.eval.other_domain or []:
+        try:
+            expand_paths([path])
+        except (DataNotFoundError, DataError) as e:
+            raise RecipeError(source, "eval.other_domain", str(e)) from None
 
 
 def check_output_dir(output_dir: Path) -> None:
