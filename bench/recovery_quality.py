@@ -94,6 +94,11 @@ def domain_perplexity(model, sets: dict) -> dict[str, dict]:
     return out
 
 
+# Chance level of the local tasks' accuracy where the harness's results do not carry it: the
+# multiple-choice tasks have four choices; cqil_last_word's acc is "the greedy continuation is the
+# target word", which no guess reaches by chance.
+TASK_CHANCE = {"cqil_next_sentence": 0.25, "cqil_next_line": 0.25, "cqil_last_word": 0.0}
+
 # Step counts that scale with a run's length (warmup, the local phase); checkpoints are off.
 SCALED_KEYS = ("warmup_steps", "local_steps")
 
@@ -106,10 +111,16 @@ def rounded(g: float | None) -> float | None:
     return None if g is None else round(g, 4)
 
 
-def scaled_overrides(recipe, scale: float, reference_steps: int) -> list[str]:
-    """Overrides that train ``scale`` x the reference recipe's tokens with ``recipe``'s own schedule."""
+def tokens_per_step(recipe) -> int:
     train = recipe.train
-    steps = max(1, round(reference_steps * scale))
+    return train.seq_len * train.micro_batch_size * train.grad_accum_steps
+
+
+def scaled_overrides(recipe, scale: float, reference_tokens: int) -> list[str]:
+    """Overrides that train ``scale`` x the reference recipe's tokens with ``recipe``'s own schedule
+    (a recipe with smaller steps takes more of them)."""
+    train = recipe.train
+    steps = max(1, round(reference_tokens * scale / tokens_per_step(recipe)))
     ratio = steps / train.max_steps
     out = [f"train.max_steps={steps}"]
     for key in SCALED_KEYS:
@@ -186,11 +197,13 @@ def child(args) -> None:
         student = trainer.model.student
         # The rewritten model before any step, out of domain (the held-out split's is in results).
         before = domain_perplexity(student, texts)
+        tasks_before = run_tasks(student, trainer.tokenizer, args)
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
         results = trainer.finish(lambda *a, **k: None)
         after = domain_perplexity(student, texts)
+        tasks_after = run_tasks(student, trainer.tokenizer, args)
     finally:
         trainer.cleanup()
     ppl = {k: results[k]["ppl"] for k in ("original", "parallelized", "recovered")}
@@ -204,6 +217,8 @@ def child(args) -> None:
             {
                 "before": before,
                 "after": after,
+                "tasks_before": tasks_before,
+                "tasks_after": tasks_after,
                 "ppl": ppl,
                 "gap_closed_by_source": by_source,
                 "train_s": round(train_s, 1),
@@ -218,14 +233,58 @@ def child(args) -> None:
     )
 
 
-def original_domains(args) -> dict[str, float]:
-    """Perplexity of the untouched model on each domain set (the same for every recipe)."""
+def run_tasks(model, tokenizer, args) -> dict:
+    """The ``--tasks`` (lm-eval, zero-shot, at most ``--task-limit`` examples each) on ``model``."""
+    if not args.tasks:
+        return {}
+    from cqil.evaluation.metrics import lm_eval_tasks
+
+    return lm_eval_tasks(model, tokenizer, args.tasks, limit=args.task_limit, batch_size=8)
+
+
+def original_measures(args) -> tuple[dict, dict]:
+    """Perplexity of the untouched model on each domain set and its ``--tasks`` (the same for every
+    recipe)."""
     from cqil.pretrained import load_model
     from cqil.recovery.recipe import load_recipe
 
     recipe = load_recipe(ROOT / RECIPES[0])
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
-    return domain_perplexity(model, domain_blocks(tokenizer, recipe, args))
+    return domain_perplexity(model, domain_blocks(tokenizer, recipe, args)), run_tasks(model, tokenizer, args)
+
+
+def kept(original: float, model: float, chance: float) -> float | None:
+    """The share of the original's accuracy above chance that ``model`` keeps (None when the original
+    is not above chance)."""
+    return None if original <= chance else (model - chance) / (original - chance)
+
+
+def task_rows(originals: dict, before: dict, after: dict) -> dict:
+    """Each task's accuracies (original, rewritten, recovered, each with its standard error), its
+    size, its chance level and the share of the original's margin above chance each model keeps."""
+    rows = {}
+    for task, metrics in originals.items():
+        row = {"examples": metrics.get("samples")}
+        chance = metrics.get("chance", TASK_CHANCE.get(task))
+        if chance is not None:
+            row["chance"] = round(chance, 4)
+        for metric in ("acc", "acc_norm"):
+            if metric not in metrics:
+                continue
+            three = metrics[metric], before[task][metric], after[task][metric]
+            row[metric] = dict(
+                zip(("original", "rewritten", "recovered"), (round(v, 4) for v in three), strict=True)
+            )
+            row[f"{metric}_stderr"] = [
+                round(m[task].get(f"{metric}_stderr", math.nan), 4) for m in (originals, before, after)
+            ]
+            if chance is not None:
+                row[f"{metric}_kept"] = {
+                    "rewritten": rounded(kept(three[0], three[1], chance)),
+                    "recovered": rounded(kept(three[0], three[2], chance)),
+                }
+        rows[task] = row
+    return rows
 
 
 def block_count(text: str) -> int:
@@ -254,6 +313,13 @@ def main(argv=None) -> int:
         default=list(DOMAINS),
         help="the out-of-domain sets to measure (default: all)",
     )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        help="lm-eval tasks to run on the original, the rewritten and every recovered model",
+    )
+    parser.add_argument("--task-limit", type=int, default=None, help="at most this many examples per task")
     parser.add_argument("--threads", type=int, default=None, help="train.cpu_threads of every run")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     parser.add_argument(
@@ -277,23 +343,25 @@ def main(argv=None) -> int:
     from cqil.recovery.recipe import load_recipe
 
     reference = load_recipe(ROOT / RECIPES[0])
-    reference_steps, tokens_per_step = (
-        reference.train.max_steps,
-        reference.train.seq_len * (reference.train.micro_batch_size * reference.train.grad_accum_steps),
-    )
+    reference_tokens = reference.train.max_steps * tokens_per_step(reference)
     recipes = {}
     for path in args.recipes:  # every recipe checked before any model loads
         try:  # --set applies before the scaling, so an overridden step count is scaled too
             recipe = recipes[path] = load_recipe(ROOT / path, args.set)
         except CqilError as e:
             parser.exit(2, f"error: {e}\n")
-        per_step = recipe.train.seq_len * recipe.train.micro_batch_size * recipe.train.grad_accum_steps
-        if per_step != tokens_per_step:
-            raise SystemExit(f"{path}: {per_step} tokens per step, the default recipe {tokens_per_step}")
-    originals = original_domains(args)
+        # Every model is measured on blocks of the recipe's seq_len: a longer one would read more context.
+        if recipe.train.seq_len != reference.train.seq_len:
+            parser.exit(
+                2,
+                f"error: {path}: train.seq_len {recipe.train.seq_len}, the default's {reference.train.seq_len}\n",
+            )
+        if reference_tokens * min(args.scales) < tokens_per_step(recipe):
+            parser.exit(2, f"error: {path}: one step is more tokens than the smallest scale trains\n")
+    originals, original_tasks = original_measures(args)
     for path, recipe in recipes.items():
         for scale in args.scales:
-            sets = [*args.set, *scaled_overrides(recipe, scale, reference_steps)]  # the later wins
+            sets = [*args.set, *scaled_overrides(recipe, scale, reference_tokens)]  # the later wins
             if args.threads is not None:
                 sets.append(f"train.cpu_threads={args.threads}")
             with tempfile.TemporaryDirectory(prefix="cqil-quality-") as tmp:
@@ -310,6 +378,10 @@ def main(argv=None) -> int:
                 if args.other_sequences is not None:
                     cmd += ["--other-sequences", str(args.other_sequences)]
                 cmd += ["--domains", *args.domains]
+                if args.tasks:
+                    cmd += ["--tasks", *args.tasks]
+                if args.task_limit is not None:
+                    cmd += ["--task-limit", str(args.task_limit)]
                 for s in sets:
                     cmd += ["--set", s]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -340,6 +412,8 @@ def main(argv=None) -> int:
             }
             if any(k in TEST_DOMAINS for k in args.domains):
                 row["out_of_domain"] = pooled_row(originals, r)
+            if args.tasks:
+                row["tasks"] = task_rows(original_tasks, r["tasks_before"], r["tasks_after"])
             line = json.dumps(row)
             print(line, flush=True)
             if args.out is not None:

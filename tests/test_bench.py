@@ -166,7 +166,10 @@ def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_over
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     recipe = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.warmup_steps=10"])
-    assert bench.scaled_overrides(recipe, 2, 60) == ["train.max_steps=120", "train.warmup_steps=20"]
+    assert bench.scaled_overrides(recipe, 2, 60 * 512) == ["train.max_steps=120", "train.warmup_steps=20"]
+    # Half the tokens a step: twice the steps for the same tokens, the schedule scaled alike.
+    half = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.micro_batch_size=2"])
+    assert bench.scaled_overrides(half, 1, 60 * 512) == ["train.max_steps=120", "train.warmup_steps=10"]
     cmd = [sys.executable, "bench/recovery_quality.py", "--scales", "1", "--set", "train.lr=-1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -270,3 +273,28 @@ def test_recovery_step_puts_the_whole_step_on_the_device(variant, monkeypatch):
     for module in modules:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             assert tensor.device.type == "meta", f"{variant}: {name} stayed on {tensor.device}"
+
+
+def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_kept():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def acc(a, n=500):
+        return {"acc": a, "acc_stderr": 0.02, "samples": n}
+
+    rows = bench.task_rows(
+        {"cqil_next_sentence": acc(0.40), "cqil_last_word": acc(0.40), "t": acc(0.2)},
+        {"cqil_next_sentence": acc(0.25), "cqil_last_word": acc(0.30), "t": acc(0.1)},
+        {"cqil_next_sentence": acc(0.325), "cqil_last_word": acc(0.325), "t": acc(0.3)},
+    )
+    assert rows["cqil_next_sentence"]["acc_kept"] == {"rewritten": 0.0, "recovered": 0.5}
+    assert rows["cqil_last_word"]["chance"] == 0.0
+    assert rows["cqil_last_word"]["acc_kept"] == {"rewritten": 0.75, "recovered": 0.8125}
+    assert rows["cqil_next_sentence"]["acc"] == {"original": 0.4, "rewritten": 0.25, "recovered": 0.325}
+    assert "acc_kept" not in rows["t"] and "chance" not in rows["t"]  # an unknown task's chance
+    # A chance the harness reports wins; an original at chance keeps nothing measurable.
+    at_chance = bench.task_rows({"t": {**acc(0.25), "chance": 0.25}}, {"t": acc(0.3)}, {"t": acc(0.3)})
+    assert at_chance["t"]["acc_kept"] == {"rewritten": None, "recovered": None}
