@@ -1,4 +1,4 @@
-"""Every place where cqil reaches a private or renamed API of transformers, peft or DeepSpeed.
+"""Every place where cqil reaches a private or renamed API of transformers, peft, DeepSpeed or torch.
 
 Libraries rename things between minor releases (transformers 5.24 passes the KV cache to decoder
 layers as ``cache=`` where 5.23 said ``past_key_values=``); a call that misses such a rename fails
@@ -158,6 +158,20 @@ def unset_zero3_init() -> None:
     except ImportError as e:
         raise _missing("transformers", "integrations.unset_hf_deepspeed_config") from e
     unset_hf_deepspeed_config()
+
+
+# ----------------------------------------------------------------------------------------------- torch
+def set_last_lr(scheduler, lrs: list[float]) -> None:
+    """Make ``scheduler.get_last_lr()`` return ``lrs``, the rates just set on its optimizer's groups.
+
+    A torch LR scheduler records the rates it reports only inside ``step()``, and a first ``step()``
+    before any ``optimizer.step()`` warns that the schedule skips a value. A schedule moved to step n
+    by hand (``last_epoch`` and each group's ``"lr"``: a resume with a fresh optimizer) would report
+    the rates it was built with, so the record (``_last_lr``) is written directly.
+    """
+    if not hasattr(scheduler, "_last_lr"):
+        raise _missing("torch", f"{type(scheduler).__name__}._last_lr")
+    scheduler._last_lr = list(lrs)
 
 
 # ------------------------------------------------------------------------------------------------ peft

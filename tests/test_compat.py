@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from importlib.metadata import version
 
 import pytest
@@ -88,3 +89,27 @@ def test_adapters_disabled_switches_lora_off_and_back_without_freezing():
     torch.testing.assert_close(off, base)
     torch.testing.assert_close(again, adapted)
     assert any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def test_set_last_lr_makes_a_schedule_moved_by_hand_report_what_stepping_reports():
+    def schedule():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+
+    stepped_optimizer, stepped = schedule()
+    for _ in range(3):
+        stepped_optimizer.step()
+        stepped.step()
+    optimizer, moved = schedule()
+    moved.last_epoch = 3
+    lrs = [base * fn(3) for base, fn in zip(moved.base_lrs, moved.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    assert moved.get_last_lr() != stepped.get_last_lr()  # torch records the rates only in step()
+    _compat.set_last_lr(moved, lrs)
+    assert moved.get_last_lr() == pytest.approx(stepped.get_last_lr())
+    moved.step()
+    stepped.step()
+    assert moved.get_last_lr() == pytest.approx(stepped.get_last_lr())
+    with pytest.raises(_compat.IncompatibleLibrary, match=re.escape(f"torch {version('torch')}")):
+        _compat.set_last_lr(object(), lrs)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cqil._compat import set_last_lr
 from cqil.errors import CheckpointError, StorageError
 from cqil.recovery.progress import Log
 from cqil.recovery.sharded import gathered_digest
@@ -347,7 +348,7 @@ def resume(
         ]
         for group, lr in zip(training.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
-        scheduler._last_lr = lrs
+        set_last_lr(scheduler, lrs)
     else:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank_state = torch.load(path / f"rank-{processes.process_index:03d}.pt", weights_only=True)
