@@ -1,4 +1,5 @@
-"""Perplexity against the loss transformers computes itself."""
+"""Perplexity against the loss transformers computes itself; latency arithmetic; the standard error and
+the chance level of an accuracy."""
 
 from __future__ import annotations
 
@@ -226,3 +227,59 @@ def test_the_standard_error_of_an_accuracy_is_the_harness_own():
     assert binary_stderr(0.438, 1000) == pytest.approx(
         0.0157, abs=1e-4
     )  # about 1.6 points at 1,000 questions
+
+
+# ---------------------------------------------------------------------------------------------- chance
+def _harness_output(kind: str, choices: list[int], *, metrics=("acc", "acc_norm"), **config) -> tuple:
+    """A task's ``configs`` entry and logged samples, shaped as lm-eval's ``simple_evaluate`` returns
+    them with ``log_samples=True`` (one log-likelihood request per choice of each example)."""
+    entry = {"output_type": kind, "metric_list": [{"metric": m} for m in metrics], "process_results": None}
+    samples = [
+        {"doc_id": i, "target": 0, "arguments": [("context", f" choice {c}") for c in range(n)]}
+        for i, n in enumerate(choices)
+    ]
+    return entry | config, samples
+
+
+def test_chance_is_the_mean_over_the_examples_of_one_over_their_choices():
+    from cqil.evaluation.metrics import chance_level
+
+    assert chance_level(*_harness_output("multiple_choice", [4, 4, 4])) == pytest.approx(0.25)
+    assert chance_level(*_harness_output("multiple_choice", [2, 4])) == pytest.approx((1 / 2 + 1 / 4) / 2)
+    # acc_mutual_info adds an unconditional request per choice: 8 requests are 4 choices.
+    config, samples = _harness_output("multiple_choice", [8, 8], metrics=("acc", "acc_mutual_info"))
+    assert chance_level(config, samples) == pytest.approx(0.25)
+    # Several gold answers (a list target): guessing hits one of them.
+    config, samples = _harness_output("multiple_choice", [4])
+    samples[0]["target"] = [0, 2]
+    assert chance_level(config, samples) == pytest.approx(0.5)
+    # The greedy continuation equal to the target is not reached by guessing.
+    assert chance_level(*_harness_output("loglikelihood", [1, 1], metrics=("perplexity", "acc"))) == 0.0
+    # Scored by the task's own function, or of another kind, or nothing run: unknown.
+    assert chance_level(*_harness_output("multiple_choice", [4], process_results="<function>")) is None
+    assert chance_level(*_harness_output("generate_until", [1], metrics=("exact_match",))) is None
+    assert chance_level(*_harness_output("loglikelihood_rolling", [1])) is None
+    assert chance_level(_harness_output("multiple_choice", [])[0], []) is None
+
+
+def test_the_local_tasks_record_their_chance_from_the_harness_run():
+    import json
+
+    from lm_eval.tasks import TaskManager
+
+    from cqil.evaluation.metrics import LOCAL_TASKS, lm_eval_tasks
+    from cqil.testing import make_tokenizer
+
+    # Only the local tasks: indexing the harness's own thousands of task files takes seconds.
+    manager = TaskManager(include_path=[str(LOCAL_TASKS)], include_defaults=False)
+    tasks = ["cqil_next_sentence", "cqil_next_line", "cqil_last_word"]
+    results = lm_eval_tasks(
+        make_model("llama"), make_tokenizer(), tasks, limit=3, batch_size=4, manager=manager
+    )
+    for name in ("cqil_next_sentence", "cqil_next_line"):
+        docs = [json.loads(line) for line in (LOCAL_TASKS / f"{name}.jsonl").read_text().splitlines()[:3]]
+        assert results[name]["samples"] == 3
+        assert results[name]["chance"] == pytest.approx(sum(1 / len(d["choices"]) for d in docs) / 3)
+        assert results[name]["chance"] == pytest.approx(0.25)  # 4-way
+    assert results["cqil_last_word"]["chance"] == 0.0
+    assert {"acc", "perplexity"} <= results["cqil_last_word"].keys()

@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cqil.errors import CqilError, DataNotFoundError
+from cqil.evaluation.accuracy_report import CHANCE_METRICS
 
 # Latency lives in its own module; its entry points stay importable from here.
 from cqil.evaluation.latency import device_name, measure_latency, time_decode, time_prefill  # noqa: F401
@@ -171,8 +172,10 @@ def lm_eval_tasks(
     Metric names are the harness's without the filter suffix (``"acc"``, ``"acc_norm"``,
     ``"perplexity"``). Each accuracy (a mean of 0/1 scores: :data:`BINARY_METRICS`) has its standard
     error beside it as ``"<metric>_stderr"``, and ``"samples"`` is the number of examples the task
-    ran. ``limit`` caps the examples per task (a count, or a fraction below 1). Unknown task names
-    raise :class:`UnknownTaskError` before anything runs.
+    ran. ``"chance"`` is the score of random guessing on the task's :data:`CHANCE_METRICS` over the
+    same examples (:func:`chance_level`), where the task's kind defines one. ``limit`` caps the
+    examples per task (a count, or a fraction below 1). Unknown task names raise
+    :class:`UnknownTaskError` before anything runs.
     """
     if not tasks:
         return {}
@@ -199,7 +202,7 @@ def lm_eval_tasks(
             task_manager=manager,
             limit=limit,
             num_fewshot=num_fewshot,
-            log_samples=False,
+            log_samples=True,  # each example's requests give its number of choices (chance_level)
             bootstrap_iters=0,  # stderr by bootstrap costs minutes per task and is left out
         )
     finally:
@@ -207,6 +210,7 @@ def lm_eval_tasks(
         model.train(was_training)
     results: dict[str, dict[str, float]] = {}
     counts = (out or {}).get("n-samples", {})
+    samples = (out or {}).get("samples") or {}
     for task, metrics in (out or {}).get("results", {}).items():
         n = (counts.get(task) or {}).get("effective") or metrics.get("sample_len")
         for key, value in metrics.items():
@@ -217,7 +221,42 @@ def lm_eval_tasks(
                     results[task][f"{metric}_stderr"] = binary_stderr(float(value), int(n))
         if task in results and n:
             results[task]["samples"] = int(n)
+        chance = chance_level((out or {}).get("configs", {}).get(task, {}), samples.get(task, ()))
+        if chance is not None and CHANCE_METRICS & results.get(task, {}).keys():
+            results[task]["chance"] = chance
     return results
+
+
+def chance_level(config: Mapping, samples: Sequence[Mapping]) -> float | None:
+    """The score of random guessing on a task's :data:`CHANCE_METRICS`, from the harness's output of
+    it: ``config`` is the task's entry of the output's ``"configs"``, ``samples`` its logged examples
+    (``log_samples=True``). None where the task's kind does not define one.
+
+    ``multiple_choice``: the mean over the examples of (gold answers) / (choices), the choices
+    counted as the harness's log-likelihood requests of the example (its ``"arguments"``: one per
+    choice, and one more per choice when the task scores ``acc_mutual_info``). ``loglikelihood``:
+    0, since its ``acc`` is whether the greedy continuation is the target, which guessing among a
+    vocabulary does not reach. A task that scores its examples with its own ``process_results``, or
+    of any other kind, has no chance level here.
+    """
+    if not samples or config.get("process_results") is not None:
+        return None
+    kind = config.get("output_type")
+    if kind == "loglikelihood":
+        return 0.0
+    if kind != "multiple_choice":
+        return None
+    metrics = {entry.get("metric") for entry in config.get("metric_list") or ()}
+    per_choice = 2 if "acc_mutual_info" in metrics else 1
+    guesses = []
+    for sample in samples:
+        choices = len(sample["arguments"]) // per_choice
+        target = sample.get("target")
+        golds = len(set(target)) if isinstance(target, (list, tuple)) else 1
+        if choices < 1:
+            return None
+        guesses.append(min(golds, choices) / choices)
+    return sum(guesses) / len(guesses)
 
 
 # Metrics that are the mean of a 0/1 score per example.
