@@ -114,6 +114,7 @@ def test_lm_eval_runs_on_the_in_memory_model_and_agrees_with_a_direct_computatio
     assert results["tiny_choice"]["samples"] == len(docs)
     scores = [1.0] * round(expected * len(docs)) + [0.0] * (len(docs) - round(expected * len(docs)))
     assert results["tiny_choice"]["acc_stderr"] == pytest.approx(mean_stderr(scores))
+    assert results["tiny_choice"]["chance"] == pytest.approx(1 / 3)  # three choices each
 
 
 @pytest.mark.integration
@@ -256,10 +257,9 @@ def test_a_run_headline_leads_with_the_text_it_did_not_train_on():
     )
 
 
-def test_the_lm_eval_section_prints_each_task_size_and_standard_error():
-    from cqil.evaluation.report import build_report
-
-    lm_eval = {
+def _lm_eval_results(chance: dict) -> dict:
+    """lm_eval_tasks results by stage for a 4-way task "mc" and a last-word task "lw"."""
+    return {
         stage: {
             "mc": {
                 "acc": acc,
@@ -267,21 +267,98 @@ def test_the_lm_eval_section_prints_each_task_size_and_standard_error():
                 "acc_norm": 0.4,
                 "acc_norm_stderr": 0.0219,
                 "samples": 500,
+                **({"chance": chance["mc"]} if "mc" in chance else {}),
             },
-            "lw": {"perplexity": 123.456, "acc": 0.25, "acc_stderr": 0.0194, "samples": 500},
+            "lw": {
+                "perplexity": 123.456,
+                "acc": lw,
+                "acc_stderr": 0.0194,
+                "samples": 500,
+                **({"chance": chance["lw"]} if "lw" in chance else {}),
+            },
         }
-        for stage, acc in (("original", 0.438), ("parallelized", 0.424), ("recovered", 0.418))
+        for stage, acc, lw in (
+            ("original", 0.40, 0.32),
+            ("parallelized", 0.36, 0.20),
+            ("recovered", 0.325, 0.26),
+        )
     }
+
+
+def test_the_lm_eval_section_prints_each_task_size_and_standard_error():
+    from cqil.evaluation.report import build_report
+
     settings = {"tasks": ["mc", "lw"], "limit": None, "num_fewshot": None}
-    report = build_report(base_model="m", plan=_report()["plan"], lm_eval=lm_eval, lm_eval_settings=settings)
+    report = build_report(
+        base_model="m", plan=_report()["plan"], lm_eval=_lm_eval_results({}), lm_eval_settings=settings
+    )
     assert report["lm_eval_samples"] == {"mc": 500, "lw": 500}
     assert "samples" not in report["lm_eval"]["original"]["mc"]
+    assert "lm_eval_chance" not in report and "lm_eval_kept" not in report
     md = render_markdown(report)
+    # Without a chance level the table has no chance or kept columns.
     assert "| task | examples | metric | original | parallelized | recovered |" in md
-    assert "| mc | 500 | acc | 0.438 ± 0.022 | 0.424 ± 0.022 | 0.418 ± 0.022 |" in md
+    assert "| mc | 500 | acc | 0.400 ± 0.022 | 0.360 ± 0.022 | 0.325 ± 0.022 |" in md
     assert "| mc | 500 | acc_norm | 0.400 ± 0.022 |" in md
     assert "| lw | 500 | perplexity | 123.46 | 123.46 | 123.46 |" in md
-    assert "acc_stderr" not in md and "± one standard error" in md
+    assert "acc_stderr" not in md and "± one standard error" in md and "kept" not in md
+
+
+def test_kept_is_the_share_of_the_original_margin_above_chance():
+    from cqil.evaluation.accuracy_report import kept
+
+    assert kept(0.40, 0.325, 0.25) == pytest.approx(0.5)
+    assert kept(0.40, 0.325, 0.0) == pytest.approx(0.8125)
+    assert kept(0.40, 0.40, 0.25) == pytest.approx(1.0)
+    assert kept(0.40, 0.20, 0.25) == pytest.approx(-1 / 3)  # below chance: less than nothing kept
+    # No margin to keep: the original at or below chance; or a number unknown.
+    assert kept(0.25, 0.30, 0.25) is None
+    assert kept(0.20, 0.30, 0.25) is None
+    assert kept(0.40, 0.30, None) is None and kept(None, 0.30, 0.25) is None
+
+
+def test_the_lm_eval_section_prints_the_chance_level_and_the_share_each_model_keeps(tmp_path):
+    from cqil.evaluation.report import build_report
+
+    settings = {"tasks": ["mc", "lw"], "limit": None, "num_fewshot": None}
+    lm_eval = _lm_eval_results({"mc": 0.25, "lw": 0.0})
+    report = build_report(base_model="m", plan=_report()["plan"], lm_eval=lm_eval, lm_eval_settings=settings)
+    # The stages' scores keep their keys; the chance level and the shares are new entries.
+    assert report["lm_eval"]["original"]["mc"] == {
+        "acc": 0.40,
+        "acc_stderr": 0.0221,
+        "acc_norm": 0.4,
+        "acc_norm_stderr": 0.0219,
+    }
+    assert report["lm_eval_chance"] == {"mc": 0.25, "lw": 0.0}
+    kept = report["lm_eval_kept"]
+    assert set(kept) == {"parallelized", "recovered"}
+    assert kept["recovered"]["mc"]["acc"] == pytest.approx(0.5)
+    assert kept["parallelized"]["mc"]["acc"] == pytest.approx(0.11 / 0.15)
+    assert kept["recovered"]["mc"]["acc_norm"] == pytest.approx(1.0)
+    assert kept["recovered"]["lw"] == {"acc": pytest.approx(0.26 / 0.32)}  # no share of a perplexity
+    md = render_markdown(report)
+    header = "| task | examples | metric | chance | original | parallelized | recovered | kept, parallelized | kept, recovered |"
+    assert header in md
+    assert "| mc | 500 | acc | 0.250 | 0.400 ± 0.022 | 0.360 ± 0.022 | 0.325 ± 0.022 | 73 % | 50 % |" in md
+    assert "| lw | 500 | acc | 0.000 | 0.320 ± 0.019 | 0.200 ± 0.019 | 0.260 ± 0.019 | 62 % | 81 % |" in md
+    assert "| lw | 500 | perplexity | – | 123.46 | 123.46 | 123.46 | – | – |" in md
+    assert "kept: the share of the original's accuracy above chance" in md
+
+    # The original at or below chance keeps no margin: "–", and no share in report.json.
+    lm_eval["original"]["mc"]["acc"] = 0.25
+    lm_eval["original"]["mc"]["acc_norm"] = 0.2
+    report = build_report(base_model="m", plan=_report()["plan"], lm_eval=lm_eval, lm_eval_settings=settings)
+    assert "mc" not in report["lm_eval_kept"]["recovered"]
+    md = render_markdown(report)
+    assert "| mc | 500 | acc | 0.250 | 0.250 ± 0.022 | 0.360 ± 0.022 | 0.325 ± 0.022 | – | – |" in md
+    assert "| mc | 500 | acc_norm | 0.250 | 0.200 ± 0.022 | 0.400 ± 0.022 | 0.400 ± 0.022 | – | – |" in md
+
+    # report.json carries the new entries through the folder written to disk.
+    write_report(report, tmp_path / "report")
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert written["lm_eval_chance"] == {"mc": 0.25, "lw": 0.0}
+    assert written["lm_eval_kept"]["recovered"]["lw"]["acc"] == pytest.approx(0.8125)
 
 
 def test_the_latency_section_names_the_mode_the_ideal_and_never_calls_a_slowdown_faster():

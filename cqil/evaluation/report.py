@@ -30,6 +30,11 @@ when it was not measured:
     filter suffix); each accuracy has its standard error as ``"<metric>_stderr"``;
     ``lm_eval_samples`` is ``{task: examples run}`` and ``lm_eval_settings``
     ``{"tasks", "limit", "num_fewshot"}``.
+``lm_eval_chance``, ``lm_eval_kept``
+    ``{task: chance}``: what random guessing scores on the task's accuracies, where its kind defines
+    it; ``{stage: {task: {metric: share}}}`` for ``parallelized`` and ``recovered``: the share of the
+    original's accuracy above chance the model keeps, ``(acc - chance) / (acc_original - chance)``,
+    where the original is above chance (:mod:`cqil.evaluation.accuracy_report`).
 ``latency``
     batch-1 speed of the original and the recovered model measured side by side
     (:func:`cqil.evaluation.latency.measure_latency`): ``{"device", "device_type", "dtype", "prefill_lens",
@@ -60,6 +65,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cqil.evaluation.accuracy_report import lm_eval_entries, lm_eval_markdown
 from cqil.evaluation.latency_report import latency_clause, latency_markdown, quality_latency_png
 from cqil.export.engines import describe_engines
 from cqil.files import check_out_dir, staged_folder
@@ -119,16 +125,7 @@ def build_report(
     if eval_dataset is not None:
         report["eval_dataset"] = eval_dataset
     if lm_eval:
-        samples = {}
-        report["lm_eval"] = {}
-        for stage, tasks in lm_eval.items():
-            report["lm_eval"][stage] = {}
-            for task, metrics in (tasks or {}).items():
-                if "samples" in metrics:
-                    samples.setdefault(task, metrics["samples"])
-                report["lm_eval"][stage][task] = {m: v for m, v in metrics.items() if m != "samples"}
-        if samples:
-            report["lm_eval_samples"] = samples
+        report |= lm_eval_entries(lm_eval)
         report["lm_eval_settings"] = dict(lm_eval_settings or {})
     if latency is not None:
         report["latency"] = dict(latency)
@@ -302,46 +299,6 @@ def _perplexity_table(title: str, report: Mapping, keys: Sequence[str]) -> list[
             ]
         )
     return lines + _table(["text", *stages, *gap], rows)
-
-
-def _with_stderr(metrics: Mapping, metric: str) -> str:
-    value = metrics.get(metric)
-    if value is None:
-        return "–"
-    if metric == "perplexity" or metric.endswith("perplexity"):
-        return _num(value, 2)
-    stderr = metrics.get(f"{metric}_stderr")
-    return f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
-
-
-def lm_eval_markdown(report: Mapping) -> list[str]:
-    """The lm-eval section: each task's size and each accuracy with its standard error."""
-    lm_eval = report.get("lm_eval") or {}
-    stages = [s for s in STAGES if s in lm_eval]
-    if not stages:
-        return []
-    settings = report.get("lm_eval_settings") or {}
-    samples = report.get("lm_eval_samples") or {}
-    limit = settings.get("limit")
-    note = f", at most {limit} examples per task" if limit else ""
-    shots = settings.get("num_fewshot") or 0
-    keys = list(
-        dict.fromkeys(
-            (t, m) for s in stages for t, ms in lm_eval[s].items() for m in ms if not m.endswith("_stderr")
-        )
-    )
-    rows = [
-        [t, _num(samples.get(t), 0), m, *[_with_stderr(lm_eval[s].get(t, {}), m) for s in stages]]
-        for t, m in keys
-    ]
-    return [
-        f"### lm-eval-harness ({shots}-shot{note})",
-        "",
-        "Accuracies ± one standard error over the task's examples (the three models answer the same "
-        "examples: a difference within about two standard errors is noise).",
-        "",
-        *_table(["task", "examples", "metric", *stages], rows),
-    ]
 
 
 def render_markdown(report: Mapping) -> str:
