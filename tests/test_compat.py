@@ -108,8 +108,13 @@ def test_set_last_lr_makes_a_schedule_moved_by_hand_report_what_stepping_reports
     assert moved.get_last_lr() != stepped.get_last_lr()  # torch records the rates only in step()
     _compat.set_last_lr(moved, lrs)
     assert moved.get_last_lr() == pytest.approx(stepped.get_last_lr())
-    moved.step()
-    stepped.step()
+    for opt, sched in ((optimizer, moved), (stepped_optimizer, stepped)):
+        opt.step()
+        sched.step()
     assert moved.get_last_lr() == pytest.approx(stepped.get_last_lr())
+    # Why not record the rates with step(): before an optimizer step, torch warns the order is wrong.
+    _, fresh = schedule()
+    with pytest.warns(UserWarning, match="before `optimizer.step"):
+        fresh.step()
     with pytest.raises(_compat.IncompatibleLibrary, match=re.escape(f"torch {version('torch')}")):
         _compat.set_last_lr(object(), lrs)
