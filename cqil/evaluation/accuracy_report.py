@@ -9,7 +9,9 @@ the 0.25 that guessing scores, so a recovered 0.325 keeps half of what the origi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+
+from cqil.evaluation.markdown import num, table
 
 # The accuracies whose chance level a task's kind defines (cqil.evaluation.metrics.chance_level): the
 # share of examples whose gold answer a model picks among the choices (by log-likelihood, per
@@ -71,10 +73,6 @@ def lm_eval_entries(lm_eval: Mapping[str, Mapping]) -> dict:
     return out
 
 
-def _num(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:,.{digits}f}"
-
-
 def _percent(fraction: float | None) -> str:
     """A share kept to the whole percent: a task's standard error moves it by more."""
     return "–" if fraction is None else f"{100 * fraction:.0f} %"
@@ -85,19 +83,9 @@ def _with_stderr(metrics: Mapping, metric: str) -> str:
     if value is None:
         return "–"
     if metric == "perplexity" or metric.endswith("perplexity"):
-        return _num(value, 2)
+        return num(value, 2)
     stderr = metrics.get(f"{metric}_stderr")
     return f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    align = ["---"] + ["---:"] * (len(header) - 1)
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(align) + "|",
-        *["| " + " | ".join(r) + " |" for r in rows],
-        "",
-    ]
 
 
 def lm_eval_markdown(report: Mapping) -> list[str]:
@@ -127,12 +115,12 @@ def lm_eval_markdown(report: Mapping) -> list[str]:
         if not keeping:
             return []
         applies = metric in CHANCE_METRICS and task in chance
-        return [_num(chance[task]) if applies else "–"]
+        return [num(chance[task]) if applies else "–"]
 
     rows = [
         [
             t,
-            _num(samples.get(t), 0),
+            num(samples.get(t), 0),
             m,
             *chance_cells(t, m),
             *[_with_stderr(lm_eval[s].get(t, {}), m) for s in stages],
@@ -148,6 +136,6 @@ def lm_eval_markdown(report: Mapping) -> list[str]:
         "Accuracies ± one standard error over the task's examples (the three models answer the same "
         "examples: a difference within about two standard errors is noise).",
         "",
-        *_table(header, rows),
+        *table(header, rows),
         *([KEPT_NOTE, ""] if keeping else []),
     ]

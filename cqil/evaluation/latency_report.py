@@ -9,9 +9,10 @@ a pointer to the GPU figures; the latency plot draws perplexity against the deco
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from cqil.evaluation.latency import share_of_ideal
+from cqil.evaluation.markdown import num, table
 
 MODE_NAMES = {"eager": "eager", "graph": "CUDA-graph"}
 # The merged form's decode gain where decode is latency-bound per layer, measured on a GPU
@@ -115,13 +116,13 @@ def latency_markdown(report: Mapping) -> list[str]:
                     what,
                     mode,
                     name,
-                    _num((base.get(phase) or {}).get("tokens_per_s"), 1),
-                    _num(numbers.get("tokens_per_s"), 1),
+                    num((base.get(phase) or {}).get("tokens_per_s"), 1),
+                    num(numbers.get("tokens_per_s"), 1),
                     _ratio(x),
                     "–" if share is None else f"{100 * share:.0f} %",
                 ]
             )
-    lines += _markdown_table(
+    lines += table(
         [
             "phase",
             "mode",
@@ -203,17 +204,3 @@ def quality_latency_png(report: Mapping, colors: Mapping[str, str]) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
-
-
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    align = ["---"] * 3 + ["---:"] * (len(header) - 3)  # phase, mode and model are words
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(align) + "|",
-        *["| " + " | ".join(r) + " |" for r in rows],
-        "",
-    ]
-
-
-def _num(value, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:,.{digits}f}"

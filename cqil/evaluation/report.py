@@ -67,6 +67,7 @@ from pathlib import Path
 
 from cqil.evaluation.accuracy_report import lm_eval_entries, lm_eval_markdown
 from cqil.evaluation.latency_report import latency_clause, latency_markdown, quality_latency_png
+from cqil.evaluation.markdown import num, table
 from cqil.export.engines import describe_engines
 from cqil.files import check_out_dir, staged_folder
 
@@ -237,30 +238,16 @@ def headline(report: Mapping) -> str:
 # ---------------------------------------------------------------------------------------------- markdown
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    align = ["---"] + ["---:"] * (len(header) - 1)
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(align) + "|",
-        *["| " + " | ".join(r) + " |" for r in rows],
-        "",
-    ]
-
-
-def _num(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:,.{digits}f}"
-
-
 def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
     """The report's tables and plots as Markdown lines (the body of ``report.md`` and of the model card)."""
     lines: list[str] = []
     if report.get("other_domain"):
         name = report.get("other_domain_dataset")
         title = f"Out-of-domain perplexity, {OTHER_DOMAIN}" + (f" (`{name}`)" if name else "")
-        lines += _perplexity_table(title, report, OTHER_DOMAIN_KEYS)
+        lines += _perplexitytable(title, report, OTHER_DOMAIN_KEYS)
     if report.get("perplexity"):
         where = f" (`{report['eval_dataset']}`)" if report.get("eval_dataset") else ""
-        lines += _perplexity_table(f"Perplexity on {heldout_text(report)}{where}", report, HELDOUT_KEYS)
+        lines += _perplexitytable(f"Perplexity on {heldout_text(report)}{where}", report, HELDOUT_KEYS)
     lines += lm_eval_markdown(report)
     lines += latency_markdown(report)
     names = [p for p in report.get("plots", [])]
@@ -271,7 +258,7 @@ def results_markdown(report: Mapping, *, plot_dir: str = "") -> list[str]:
     return lines
 
 
-def _perplexity_table(title: str, report: Mapping, keys: Sequence[str]) -> list[str]:
+def _perplexitytable(title: str, report: Mapping, keys: Sequence[str]) -> list[str]:
     """One text's perplexity by stage, overall and by source, with the gap closed: two decimals of
     perplexity and whole percents, the precision a few thousand tokens support."""
     ppl_key, sources_key, closed_key, closed_by_source_key = keys
@@ -288,17 +275,17 @@ def _perplexity_table(title: str, report: Mapping, keys: Sequence[str]) -> list[
     def pct(value):
         return [] if closed is None else [percent(value)]
 
-    rows = [["all", *[_num(ppl[s]["ppl"], 2) for s in stages], *pct(report.get(closed_key))]]
+    rows = [["all", *[num(ppl[s]["ppl"], 2) for s in stages], *pct(report.get(closed_key))]]
     for source, numbers in (report.get(sources_key) or {}).items():
         n = next(iter(numbers.values())).get("tokens")
         rows.append(
             [
                 f"{source} ({n:,} tokens)",
-                *[_num(numbers.get(s, {}).get("ppl"), 2) for s in stages],
+                *[num(numbers.get(s, {}).get("ppl"), 2) for s in stages],
                 *pct(None if closed is None else closed.get(source)),
             ]
         )
-    return lines + _table(["text", *stages, *gap], rows)
+    return lines + table(["text", *stages, *gap], rows)
 
 
 def render_markdown(report: Mapping) -> str:

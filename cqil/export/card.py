@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cqil.errors import ModelError, ModelNotFoundError
+from cqil.evaluation.markdown import table
 from cqil.files import write_atomic
 from cqil.rewrite.group import effective_layers
 
@@ -269,11 +270,6 @@ def _eval_results(report: Mapping, EvalResult) -> list:
     return results
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return out + ["| " + " | ".join(row) + " |" for row in rows] + [""]
-
-
 def _fmt(value) -> str:
     number = _number(value)
     return "–" if number is None else f"{number:.4g}"
@@ -291,7 +287,7 @@ def _results_markdown(report: Mapping) -> list[str]:
     if isinstance(ppl, Mapping) and any(_number(ppl.get(s)) is not None for s in _STAGES):
         where = f" on {report['eval_dataset']}" if report.get("eval_dataset") else ""
         lines += [f"Perplexity{where} (lower is better):", ""]
-        lines += _table(["model", "perplexity"], [[s, _fmt(ppl.get(s))] for s in _STAGES if s in ppl])
+        lines += table(["model", "perplexity"], [[s, _fmt(ppl.get(s))] for s in _STAGES if s in ppl])
     latency = report.get("latency")
     if isinstance(latency, Mapping) and latency:
         lines += ["Latency:", ""]
@@ -299,16 +295,16 @@ def _results_markdown(report: Mapping) -> list[str]:
         if nested:
             columns = list(dict.fromkeys(c for v in nested.values() for c in v))
             rows = [[str(k)] + [_fmt(v.get(c)) for c in columns] for k, v in nested.items()]
-            lines += _table([""] + columns, rows)
+            lines += table([""] + columns, rows)
         flat = [[str(k), _fmt(v)] for k, v in latency.items() if not isinstance(v, Mapping)]
         if flat:
-            lines += _table(["", "value"], flat)
+            lines += table(["", "value"], flat)
     lm_eval = _lm_eval_by_stage(report.get("lm_eval") or {})
     if lm_eval:
         stages = [s for s in _STAGES if s in lm_eval] + [s for s in lm_eval if s not in _STAGES]
         keys = list(dict.fromkeys((t, m) for s in stages for t, ms in lm_eval[s].items() for m in ms))
         rows = [[t, m] + [_fmt(lm_eval[s].get(t, {}).get(m)) for s in stages] for t, m in keys]
-        lines += ["lm-eval-harness:", ""] + _table(["task", "metric", *stages], rows)
+        lines += ["lm-eval-harness:", ""] + table(["task", "metric", *stages], rows)
     return lines
 
 
