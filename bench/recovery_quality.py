@@ -94,11 +94,6 @@ def domain_perplexity(model, sets: dict) -> dict[str, dict]:
     return out
 
 
-# Chance level of the local tasks' accuracy where the harness's results do not carry it: the
-# multiple-choice tasks have four choices; cqil_last_word's acc is "the greedy continuation is the
-# target word", which no guess reaches by chance.
-TASK_CHANCE = {"cqil_next_sentence": 0.25, "cqil_next_line": 0.25, "cqil_last_word": 0.0}
-
 # Step counts that scale with a run's length (warmup, the local phase); checkpoints are off.
 SCALED_KEYS = ("warmup_steps", "local_steps")
 
@@ -253,19 +248,15 @@ def original_measures(args) -> tuple[dict, dict]:
     return domain_perplexity(model, domain_blocks(tokenizer, recipe, args)), run_tasks(model, tokenizer, args)
 
 
-def kept(original: float, model: float, chance: float) -> float | None:
-    """The share of the original's accuracy above chance that ``model`` keeps (None when the original
-    is not above chance)."""
-    return None if original <= chance else (model - chance) / (original - chance)
-
-
 def task_rows(originals: dict, before: dict, after: dict) -> dict:
     """Each task's accuracies (original, rewritten, recovered, each with its standard error), its
     size, its chance level and the share of the original's margin above chance each model keeps."""
+    from cqil.evaluation.accuracy_report import kept
+
     rows = {}
     for task, metrics in originals.items():
         row = {"examples": metrics.get("samples")}
-        chance = metrics.get("chance", TASK_CHANCE.get(task))
+        chance = metrics.get("chance")  # lm_eval_tasks gives it where the task's kind tells it
         if chance is not None:
             row["chance"] = round(chance, 4)
         for metric in ("acc", "acc_norm"):

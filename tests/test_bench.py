@@ -286,7 +286,11 @@ def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_ke
         return {"acc": a, "acc_stderr": 0.02, "samples": n}
 
     rows = bench.task_rows(
-        {"cqil_next_sentence": acc(0.40), "cqil_last_word": acc(0.40), "t": acc(0.2)},
+        {
+            "cqil_next_sentence": {**acc(0.40), "chance": 0.25},
+            "cqil_last_word": {**acc(0.40), "chance": 0.0},
+            "t": acc(0.2),
+        },
         {"cqil_next_sentence": acc(0.25), "cqil_last_word": acc(0.30), "t": acc(0.1)},
         {"cqil_next_sentence": acc(0.325), "cqil_last_word": acc(0.325), "t": acc(0.3)},
     )
@@ -294,7 +298,7 @@ def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_ke
     assert rows["cqil_last_word"]["chance"] == 0.0
     assert rows["cqil_last_word"]["acc_kept"] == {"rewritten": 0.75, "recovered": 0.8125}
     assert rows["cqil_next_sentence"]["acc"] == {"original": 0.4, "rewritten": 0.25, "recovered": 0.325}
-    assert "acc_kept" not in rows["t"] and "chance" not in rows["t"]  # an unknown task's chance
+    assert "acc_kept" not in rows["t"] and "chance" not in rows["t"]  # chance unknown
     # A chance the harness reports wins; an original at chance keeps nothing measurable.
     at_chance = bench.task_rows({"t": {**acc(0.25), "chance": 0.25}}, {"t": acc(0.3)}, {"t": acc(0.3)})
     assert at_chance["t"]["acc_kept"] == {"rewritten": None, "recovered": None}
