@@ -396,10 +396,6 @@ CASES = (
     + [f"{n}-tp1-compiled" for n in COMPILED]
     + [f"{name}-tp1" + ("-compiled" if compiled else "") for name, _, _, compiled in SMOLLM]
 )
-# The compiled cases have not yet completed a run against transformers on a 2-core machine (each
-# engine compiles for minutes there); until they have, they run only when asked for.
-if os.environ.get("CQIL_VLLM_COMPILED") != "1":
-    CASES = tuple(c for c in CASES if not c.endswith("-compiled"))
 
 
 @pytest.mark.engines
