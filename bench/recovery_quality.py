@@ -278,6 +278,13 @@ def task_rows(originals: dict, before: dict, after: dict) -> dict:
     return rows
 
 
+def label(stem: str, given: str | None, *, several: bool) -> str:
+    """A JSON line's recipe name: ``--label`` names the only recipe or qualifies each of several."""
+    if not given:
+        return stem
+    return f"{stem} {given}" if several else given
+
+
 def block_count(text: str) -> int:
     """An argparse type: a number of blocks, at least one."""
     n = int(text)
@@ -320,7 +327,11 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="a recipe override for every run (repeatable; dotted keys as in `cqil train --set`)",
     )
-    parser.add_argument("--label", help="the JSON lines' recipe name (default: the recipe file's stem)")
+    parser.add_argument(
+        "--label",
+        help="the JSON lines' recipe name (default: the recipe file's stem; with several recipes, "
+        "'<stem> <label>')",
+    )
     # One run (internal): the child process.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -383,7 +394,7 @@ def main(argv=None) -> int:
             r = json.loads(lines[-1][len("RESULT ") :])
             ppl = r["ppl"]
             row = {
-                "recipe": args.label or Path(path).stem,
+                "recipe": label(Path(path).stem, args.label, several=len(recipes) > 1),
                 **({"overrides": args.set} if args.set else {}),
                 "scale": scale,
                 "tokens": r["tokens"],

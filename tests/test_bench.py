@@ -302,3 +302,14 @@ def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_ke
     # A chance the harness reports wins; an original at chance keeps nothing measurable.
     at_chance = bench.task_rows({"t": {**acc(0.25), "chance": 0.25}}, {"t": acc(0.3)}, {"t": acc(0.3)})
     assert at_chance["t"]["acc_kept"] == {"rewritten": None, "recovered": None}
+
+
+def test_recovery_quality_label_names_one_recipe_and_qualifies_several():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.label("lp_style", None, several=True) == "lp_style"
+    assert bench.label("lp_style", "lr 3e-4", several=False) == "lr 3e-4"
+    assert bench.label("lp_style", "lr 3e-4", several=True) == "lp_style lr 3e-4"
