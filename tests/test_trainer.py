@@ -243,6 +243,29 @@ def test_an_unknown_lm_eval_task_fails_before_training(tiny_model_dir, tmp_path)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model").exists()
 
 
+def test_a_run_that_lost_its_claim_ends_with_one_error_and_an_interrupt_stays_one(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from cqil.recovery.run_lock import ClaimLost
+
+    def lose_the_claim(self):  # what the claim's heartbeat does when another run took the folder
+        self.claim.lost = "run.lock now names pid 4242 on node-elsewhere"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RecoveryTrainer, "train", lose_the_claim)
+    with pytest.raises(
+        ClaimLost, match=r"run: this run lost its claim on the folder \(run.lock now names pid 4242"
+    ):
+        run(tiny_recipe(tiny_model_dir, tmp_path / "run"))
+
+    def interrupted(self):  # Ctrl-C with the claim still held
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RecoveryTrainer, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_recipe(tiny_model_dir, tmp_path / "run2"))
+
+
 def stop_after_first_checkpoint(recipe) -> None:
     """Train ``recipe`` until its first checkpoint is written, then stop as a killed run would."""
     trainer = RecoveryTrainer(recipe)

@@ -21,7 +21,7 @@ with ``O_EXCL`` (only one run may take over a given stale claim), renames the lo
 checks that what it moved is the claim it judged stale (else it links it back: it was a new holder's)
 and only then creates a new lock with ``O_EXCL``. Every loser refuses. A holder whose heartbeat finds
 another token in the file has lost the folder and stops its process (``KeyboardInterrupt`` in the
-main thread) before it writes more.
+main thread) before it writes more; the trainer turns that into one :class:`ClaimLost` line.
 
 A second run refuses with one line naming the holder (:class:`ClaimRefused`, an
 :class:`~cqil.errors.OutputDirError`: exit status 2) and writes nothing. One exception waits first:
@@ -64,6 +64,17 @@ VERDICT_BYTES = 4096  # the main process's verdict, sent to the other ranks as U
 
 class ClaimRefused(OutputDirError):
     """``output_dir`` is held by another live run; the message names the holder."""
+
+
+class ClaimLost(OutputDirError):
+    """This run's claim on ``output_dir`` passed to another run while it ran; it stopped writing."""
+
+
+def lost_claim_error(claim: Claim | None) -> ClaimLost | None:
+    """The error a run that was stopped because it lost ``claim`` ends with (None: it did not)."""
+    if claim is None or claim.lost is None:
+        return None
+    return ClaimLost(f"{claim.out}: this run lost its claim on the folder ({claim.lost}) and stopped writing")
 
 
 def is_lock_file(name: str) -> bool:

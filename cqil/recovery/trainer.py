@@ -492,5 +492,11 @@ def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: ExportFn | None 
     except (NonFiniteLossError, NonFiniteWeightsError) as e:
         trainer.log(f"cqil: {e}")
         return EXIT_NONFINITE
+    except KeyboardInterrupt:
+        # The claim's heartbeat interrupts the main thread when another run took the folder over.
+        lost = run_lock.lost_claim_error(getattr(trainer, "claim", None))
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         trainer.cleanup()
