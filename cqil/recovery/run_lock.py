@@ -70,11 +70,12 @@ class ClaimLost(OutputDirError):
     """This run's claim on ``output_dir`` passed to another run while it ran; it stopped writing."""
 
 
-def lost_claim_error(claim: Claim | None) -> ClaimLost | None:
-    """The error a run that was stopped because it lost ``claim`` ends with (None: it did not)."""
-    if claim is None or claim.lost is None:
-        return None
-    return ClaimLost(f"{claim.out}: this run lost its claim on the folder ({claim.lost}) and stopped writing")
+def raise_if_lost(claim: Claim | None) -> None:
+    """Raise :class:`ClaimLost` if ``claim`` was lost (its heartbeat then interrupted the main thread)."""
+    if claim is not None and claim.lost is not None:
+        raise ClaimLost(
+            f"{claim.out}: this run lost its claim on the folder ({claim.lost}) and stopped writing"
+        ) from None
 
 
 def is_lock_file(name: str) -> bool:

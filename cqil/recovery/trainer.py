@@ -492,11 +492,8 @@ def run(recipe: Recipe, *, source: str = "<recipe>", export_fn: ExportFn | None 
     except (NonFiniteLossError, NonFiniteWeightsError) as e:
         trainer.log(f"cqil: {e}")
         return EXIT_NONFINITE
-    except KeyboardInterrupt:
-        # The claim's heartbeat interrupts the main thread when another run took the folder over.
-        lost = run_lock.lost_claim_error(getattr(trainer, "claim", None))
-        if lost is None:
-            raise
-        raise lost from None
+    except KeyboardInterrupt:  # also how the claim's heartbeat stops a run whose folder was taken over
+        run_lock.raise_if_lost(getattr(trainer, "claim", None))
+        raise
     finally:
         trainer.cleanup()
