@@ -130,6 +130,7 @@ def test_recovery_quality_one_short_run():
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "bench/recovery_quality.py", "--recipes", "recipes/cqil_style.yaml"]
     cmd += ["--scales", "0.05", "--heldout-sequences", "6", "--other-sequences", "30", "--threads", "1"]
+    cmd += ["--tasks", "cqil_last_word", "cqil_next_line", "--task-limit", "4"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,6 +156,17 @@ def test_recovery_quality_one_short_run():
         "RedPajamaBook",
         "RedPajamaGithub",
     }
+    # Each task's accuracy for the three models on the same examples, its chance level and the share kept.
+    tasks = row["tasks"]
+    assert tasks["cqil_last_word"]["examples"] == 4 and tasks["cqil_last_word"]["chance"] == 0.0
+    assert tasks["cqil_next_line"]["chance"] == 0.25
+    for task in tasks.values():
+        acc = task["acc"]
+        assert set(acc) == {"original", "rewritten", "recovered"} and all(0 <= v <= 1 for v in acc.values())
+        assert len(task["acc_stderr"]) == 3
+        if acc["original"] > task["chance"]:
+            expected = (acc["recovered"] - task["chance"]) / (acc["original"] - task["chance"])
+            assert task["acc_kept"]["recovered"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_override():
