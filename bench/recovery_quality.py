@@ -317,7 +317,9 @@ def main(argv=None) -> int:
         default=[],
         help="lm-eval tasks to run on the original, the rewritten and every recovered model",
     )
-    parser.add_argument("--task-limit", type=int, default=None, help="at most this many examples per task")
+    parser.add_argument(
+        "--task-limit", type=block_count, default=None, help="at most this many examples per task"
+    )
     parser.add_argument("--threads", type=int, default=None, help="train.cpu_threads of every run")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     parser.add_argument(
@@ -360,6 +362,13 @@ def main(argv=None) -> int:
             )
         if reference_tokens * min(args.scales) < tokens_per_step(recipe):
             parser.exit(2, f"error: {path}: one step is more tokens than the smallest scale trains\n")
+    if args.tasks:  # an unknown name is refused before any model loads
+        from cqil.evaluation.metrics import check_tasks, task_manager
+
+        try:
+            check_tasks(args.tasks, task_manager())
+        except CqilError as e:
+            parser.exit(2, f"error: --tasks: {e}\n")
     originals, original_tasks = original_measures(args)
     for path, recipe in recipes.items():
         for scale in args.scales:

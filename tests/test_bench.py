@@ -325,3 +325,14 @@ def test_recovery_quality_label_names_one_recipe_and_qualifies_several():
     assert bench.label("lp_style", None, several=True) == "lp_style"
     assert bench.label("lp_style", "lr 3e-4", several=False) == "lr 3e-4"
     assert bench.label("lp_style", "lr 3e-4", several=True) == "lp_style lr 3e-4"
+
+
+def test_recovery_quality_refuses_an_unknown_task_before_any_model_loads():
+    cmd = [sys.executable, "bench/recovery_quality.py", "--scales", "1", "--tasks", "cqil_last_wrd"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --tasks: unknown lm-eval task 'cqil_last_wrd'")
+    )
