@@ -83,6 +83,19 @@ GOALS = {"lp": 1.0, "cqil": 0.95}  # SmolLM2 at TP=1: the plugin is never slower
 # ------------------------------------------------------------------ models
 
 
+# The kernel counts process CPU time in clock ticks (10 ms at the usual 100 Hz); a median of a few ticks
+# is rounding, not a measurement, and a tiny model's prefill can read 0.
+CPU_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+MIN_CPU_TICKS = 5
+
+
+def cpu_ratio(baseline: list[float], other: list[float]) -> float | None:
+    """``ratio_of_medians`` of CPU seconds, or None when either median is under MIN_CPU_TICKS ticks."""
+    if min(median(baseline), median(other)) < MIN_CPU_TICKS * CPU_TICK_S:
+        return None
+    return ratio_of_medians(baseline, other)
+
+
 def random_llama(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, tokenizer, seed=0):
     """A randomly initialised Llama with SmolLM2's vocabulary and RoPE (head_dim = hidden / heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -276,8 +289,8 @@ def vllm_section(
             # CPU seconds of the engine's worker processes for the same calls: the model's compute (and
             # the workers' polling), which the other jobs of a loaded machine stretch far less than
             # wall-clock time.
-            "prefill_cpu_speedup": rounded(ratio_of_medians(orig["prefill_cpu_s"], mine["prefill_cpu_s"])),
-            "decode_cpu_speedup": rounded(ratio_of_medians(orig["decode_cpu_s"], mine["decode_cpu_s"])),
+            "prefill_cpu_speedup": rounded(cpu_ratio(orig["prefill_cpu_s"], mine["prefill_cpu_s"])),
+            "decode_cpu_speedup": rounded(cpu_ratio(orig["decode_cpu_s"], mine["decode_cpu_s"])),
             "prefill_cpu_ms": {
                 v: rounded(median(times[v]["prefill_cpu_s"]) * 1e3, 2) for v in ("original", variant)
             },

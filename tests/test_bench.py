@@ -336,3 +336,19 @@ def test_recovery_quality_refuses_an_unknown_task_before_any_model_loads():
         .splitlines()[-1]
         .startswith("error: --tasks: unknown lm-eval task 'cqil_last_wrd'")
     )
+
+
+def test_serving_leaves_out_a_cpu_time_ratio_the_clock_cannot_resolve(monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("serving", REPO / "bench/serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    tick = bench.CPU_TICK_S
+    # A tiny model's prefill reads 0 or 1 tick: no ratio, not a division by zero.
+    assert bench.cpu_ratio([tick, 0.0, tick], [0.0, 0.0, tick]) is None
+    assert bench.cpu_ratio([0.0], [1.0]) is None
+    # Measurable on both sides: the ratio of the medians, a slowdown reading below 1.
+    assert bench.cpu_ratio([1.0, 0.5, 2.0], [2.0, 4.0, 1.0]) == pytest.approx(0.5)
