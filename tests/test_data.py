@@ -15,7 +15,7 @@ from cqil.errors import DataError, DataNotFoundError
 from cqil.recovery.data import calibration_tokens, expand_paths, iter_records, pack_tokens
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
-SOURCES = {"RedPajamaWikipedia", "RedPajamaBook", "RedPajamaGithub"}
+SOURCES = {"RedPajamaWikipedia", "RedPajamaBook", "RedPajamaGithub", "SoftwareDocs"}
 WORDS = [f"w{i}" for i in range(300)]
 
 
