@@ -65,6 +65,21 @@ def test_heldout_blocks_draw_each_source_on_its_own(tmp_path):
         assert words <= vocab[source], (source, words - vocab[source])  # one source per block
 
 
+def test_heldout_blocks_keep_to_the_sources_a_run_trains_on(tmp_path):
+    tokenizer = make_tokenizer()
+    corpus = write_corpus(tmp_path / "eval.jsonl.gz", repeats=10)
+    kw = dict(seq_len=8, num_sequences=6, heldout_fraction=0.5)
+    tokens, sources = heldout_blocks(
+        tokenizer, [], [corpus], **kw, only_sources=["RedPajamaGithub", "RedPajamaBook"]
+    )
+    assert sources == ["RedPajamaBook"] * 3 + ["RedPajamaGithub"] * 3  # the share of two sources, not three
+    everything, all_sources = heldout_blocks(tokenizer, [], [corpus], **kw)
+    book = [row for row, s in zip(everything, all_sources, strict=True) if s == "RedPajamaBook"]
+    assert torch.equal(tokens[:2], torch.stack(book))  # the same text, packed the same way
+    with pytest.raises(ValueError, match=r"no held-out text of the sources \['RedPajamaArXiv'\]"):
+        heldout_blocks(tokenizer, [], [corpus], **kw, only_sources=["RedPajamaArXiv"])
+
+
 def test_heldout_blocks_warn_about_a_short_source_and_fail_without_text(tmp_path):
     path = tmp_path / "eval.jsonl"
     lines = [

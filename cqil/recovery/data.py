@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -377,6 +377,7 @@ def heldout_blocks(
     text_field: str = "text",
     hub_split: str = "train",
     max_records: int = 100_000,
+    only_sources: Collection[str] | None = None,
 ) -> tuple[torch.LongTensor, list[str]]:
     """About ``num_sequences`` held-out blocks drawn equally from each source: ``(tokens, sources)``.
 
@@ -386,7 +387,9 @@ def heldout_blocks(
     ``ceil(num_sequences / S)`` blocks (fewer if it has too little text, with a warning), sources
     in order of first appearance. The text is ``eval_paths`` when given, else the hash-held-out
     documents of ``train_paths``; reading stops at the end, after ``max_records`` documents (a bound
-    for streamed Hub datasets), or after 2,000 once every source seen has its share.
+    for streamed Hub datasets), or after 2,000 once every source seen has its share. With
+    ``only_sources`` (a recipe's ``data.mixture``), the documents of other sources are passed over:
+    the held-out figure is then text of the sources the run trains on, as its name says.
     """
     records, where = _heldout_records(
         train_paths,
@@ -400,7 +403,8 @@ def heldout_blocks(
     counts: dict[str, int] = {}  # tokens gathered per source (approximate until packed)
     for n, (text, source) in enumerate(records, 1):
         source = source or UNLABELLED
-        if counts.get(source, 0) < num_sequences * seq_len:
+        wanted = only_sources is None or source in only_sources
+        if wanted and counts.get(source, 0) < num_sequences * seq_len:
             texts.setdefault(source, []).append(text)
             counts[source] = counts.get(source, 0) + len(text) // 8  # a cheap lower bound on tokens
         # A source missing from the first few thousand documents is too rare to report on its own.
@@ -408,7 +412,8 @@ def heldout_blocks(
         if full or n >= max_records:
             break
     if not texts:
-        raise DataError(f"no held-out text in {where}")
+        of = "" if only_sources is None else f" of the sources {sorted(only_sources)}"
+        raise DataError(f"no held-out text{of} in {where}")
     share = -(-num_sequences // len(texts))
     tokens, sources = [], []
     for source, docs in texts.items():

@@ -52,6 +52,7 @@ def prepare_eval(recipe: Recipe, source: str, tokenizer) -> HeldOut:
         source_field=data.source_field,
         text_field=data.text_field,
         hub_split=data.hub_split,
+        only_sources=list(data.mixture) if data.mixture else None,
     )
     heldout = HeldOut(tokens, sources)
     if recipe.eval.tasks:
