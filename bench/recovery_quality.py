@@ -8,7 +8,8 @@ schedule keeps its shape), and prints one JSON line:
 
 * the held-out perplexity of the original, the rewritten (before training) and the recovered model,
   on the sample's held-out split (``--heldout-sequences`` blocks of the recipe's ``seq_len``, drawn
-  equally from its three sources), and the fraction of the gap closed, overall and per source;
+  equally from the sources the recipe trains on), and the fraction of the gap closed, overall and
+  per source;
 * the same on **text from a domain the training data does not contain**, every document of each set
   (``data/other_domain/package_docs.jsonl.gz``, the READMEs of 21 packages, never trained or tuned
   on, with the gap closed per README; and a dev set of the same kind from another source,
