@@ -28,6 +28,7 @@ headers carry mtime 0. Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -144,9 +145,7 @@ def parts(text: str, limit: int) -> list[str]:
     return [piece for piece in pieces if piece.strip()]
 
 
-def software_docs(sdist_dir: Path | None) -> Iterator[tuple[str, str]]:
-    if sdist_dir is None:
-        sys.exit("--docs-sdists is required: the folder holding " + ", ".join(n for n, _ in DOCS_SDISTS))
+def software_docs(sdist_dir: Path) -> Iterator[tuple[str, str]]:
     pages = []  # (title, text) of every page
     for name, folder in DOCS_SDISTS:
         path = sdist_dir / name
@@ -176,7 +175,7 @@ SOURCES = {
     "RedPajamaWikipedia": wikipedia_docs,
     "RedPajamaBook": bible_docs,
     "RedPajamaGithub": stdlib_docs,
-    "SoftwareDocs": software_docs,  # reads the sdists named by --docs-sdists
+    "SoftwareDocs": software_docs,  # main() binds it to the folder of --docs-sdists
 }
 
 
@@ -205,10 +204,13 @@ def main(argv: list[str] | None = None) -> None:
         "--docs-sdists", type=Path, help="folder holding the source distributions of DOCS_SDISTS"
     )
     args = parser.parse_args(argv)
+    if args.docs_sdists is None:
+        parser.error("--docs-sdists is required: the folder holding " + ", ".join(n for n, _ in DOCS_SDISTS))
+    readers = dict(SOURCES, SoftwareDocs=functools.partial(software_docs, args.docs_sdists))
 
     docs: dict[str, dict] = {}  # keyed by text hash: drops exact duplicates
-    for set_name, read in SOURCES.items():
-        for title, text in read(args.docs_sdists) if read is software_docs else read():
+    for set_name, read in readers.items():
+        for title, text in read():
             docs.setdefault(
                 text_hash(text), {"text": text, "meta": {"redpajama_set_name": set_name, "title": title}}
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -12,6 +13,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_script(name: str, monkeypatch):
+    """``bench/<name>.py`` as a module (the scripts import their shared helpers from ``bench/``)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module(name)
 
 
 @pytest.mark.integration
@@ -170,14 +177,10 @@ def test_recovery_quality_one_short_run():
             assert task["acc_kept"]["recovered"] == pytest.approx(expected, abs=1e-4)
 
 
-def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_override():
-    import importlib.util
-
+def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_override(monkeypatch):
     from cqil.recovery.recipe import load_recipe
 
-    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("recovery_quality", monkeypatch)
     recipe = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.warmup_steps=10"])
     assert bench.scaled_overrides(recipe, 2, 60 * 512) == ["train.max_steps=120", "train.warmup_steps=20"]
     # Half the tokens a step: twice the steps for the same tokens, the schedule scaled alike.
@@ -189,13 +192,10 @@ def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_over
     assert proc.stderr.strip().splitlines() == ["error: <command line>: train.lr=-1: must be > 0; got -1.0"]
 
 
-def test_recovery_quality_pools_the_test_sets_by_tokens_and_leaves_the_dev_set_out():
-    import importlib.util
+def test_recovery_quality_pools_the_test_sets_by_tokens_and_leaves_the_dev_set_out(monkeypatch):
     import math
 
-    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("recovery_quality", monkeypatch)
 
     def measured(**ppl_tokens):
         return {k: {"ppl": p, "nll": math.log(p), "tokens": t} for k, (p, t) in ppl_tokens.items()}
@@ -234,10 +234,8 @@ def test_recovery_quality_refuses_a_count_of_no_blocks():
 
 def test_gpu_latency_smoke_runs_the_library_timing_on_tiny_shapes(monkeypatch, capsys):
     """bench/gpu_latency.py --smoke: the GPU script's every section, on the CPU, in seconds."""
-    import importlib
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    gpu_latency = importlib.import_module("gpu_latency")
+    gpu_latency = bench_script("gpu_latency", monkeypatch)
     gpu_latency.main(["--smoke"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     sections = [line["section"] for line in lines]
@@ -276,10 +274,8 @@ def test_recovery_step_puts_the_whole_step_on_the_device(variant, monkeypatch):
     """The student and its teacher (the RecoveryModel's layer copies, naive's whole copy) move together:
     on the meta device here, as they must on CUDA."""
     import argparse
-    import importlib
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    recovery_step = importlib.import_module("recovery_step")
+    recovery_step = bench_script("recovery_step", monkeypatch)
     args = argparse.Namespace(model="tiny", groups="2-6:2", dtype="float32", lm_weight=0.0)
     model, _, modules = recovery_step.make_step(args, variant, torch.device("meta"))
     assert model in modules and len(modules) == 2
@@ -288,12 +284,8 @@ def test_recovery_step_puts_the_whole_step_on_the_device(variant, monkeypatch):
             assert tensor.device.type == "meta", f"{variant}: {name} stayed on {tensor.device}"
 
 
-def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_kept():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_kept(monkeypatch):
+    bench = bench_script("recovery_quality", monkeypatch)
 
     def acc(a, n=500):
         return {"acc": a, "acc_stderr": 0.02, "samples": n}
@@ -317,12 +309,8 @@ def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_ke
     assert at_chance["t"]["acc_kept"] == {"rewritten": None, "recovered": None}
 
 
-def test_recovery_quality_label_names_one_recipe_and_qualifies_several():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("recovery_quality", REPO / "bench/recovery_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_recovery_quality_label_names_one_recipe_and_qualifies_several(monkeypatch):
+    bench = bench_script("recovery_quality", monkeypatch)
     assert bench.label("lp_style", None, several=True) == "lp_style"
     assert bench.label("lp_style", "lr 3e-4", several=False) == "lr 3e-4"
     assert bench.label("lp_style", "lr 3e-4", several=True) == "lp_style lr 3e-4"
@@ -340,12 +328,7 @@ def test_recovery_quality_refuses_an_unknown_task_before_any_model_loads():
 
 
 def test_serving_leaves_out_a_cpu_time_ratio_the_clock_cannot_resolve(monkeypatch):
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("serving", REPO / "bench/serving.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("serving", monkeypatch)
 
     tick = bench.CPU_TICK_S
     # A tiny model's prefill reads 0 or 1 tick: no ratio, not a division by zero.
