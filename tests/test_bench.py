@@ -142,7 +142,16 @@ def test_recovery_quality_one_short_run():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["recipe"] == "cqil_style" and row["tokens"] == 3 * 512 and row["threads"] == 1
-    for text in ("heldout", "other_domain", "dev_domain", "dialogue", "science_docs", "project_readmes"):
+    sets = (
+        "heldout",
+        "other_domain",
+        "dev_domain",
+        "discussion_dev",
+        "dialogue",
+        "science_docs",
+        "project_readmes",
+    )
+    for text in sets:
         r = row[text]
         assert r["original"] < r["rewritten"] and r["recovered"] != r["rewritten"]
         expected = (r["rewritten"] - r["recovered"]) / (r["rewritten"] - r["original"])
@@ -158,6 +167,9 @@ def test_recovery_quality_one_short_run():
     assert pooled["sets"] == ["other_domain", "dialogue", "science_docs", "project_readmes"]
     assert pooled["gap_closed_by_set"] == {k: row[k]["gap_closed"] for k in pooled["sets"]}
     assert pooled["gap_closed_min"] == min(pooled["gap_closed_by_set"].values())
+    dev = row["dev"]
+    assert dev["sets"] == ["dev_domain", "discussion_dev"]
+    assert dev["gap_closed_by_set"] == {k: row[k]["gap_closed"] for k in dev["sets"]}
     assert set(row["heldout"]["gap_closed_by_source"]) == {  # the recipe's data.mixture
         "RedPajamaWikipedia",
         "RedPajamaBook",
@@ -192,7 +204,7 @@ def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_over
     assert proc.stderr.strip().splitlines() == ["error: <command line>: train.lr=-1: must be > 0; got -1.0"]
 
 
-def test_recovery_quality_pools_the_test_sets_by_tokens_and_leaves_the_dev_set_out(monkeypatch):
+def test_recovery_quality_pools_the_test_sets_by_tokens_and_the_dev_sets_apart(monkeypatch):
     import math
 
     bench = bench_script("recovery_quality", monkeypatch)
@@ -213,6 +225,14 @@ def test_recovery_quality_pools_the_test_sets_by_tokens_and_leaves_the_dev_set_o
     ]
     assert row["original"] == round(pooled[0], 3) and row["recovered"] == round(pooled[2], 3)
     assert row["gap_closed"] == round((pooled[1] - pooled[2]) / (pooled[1] - pooled[0]), 4)
+    # The dev sets pool apart from the test sets, over their own tokens.
+    originals |= measured(discussion_dev=(8.0, 1000))
+    before |= measured(discussion_dev=(20.0, 1000))
+    after |= measured(discussion_dev=(10.0, 1000))
+    dev = bench.pooled_row(originals, {"before": before, "after": after}, bench.DEV_DOMAINS)
+    assert dev["sets"] == ["dev_domain", "discussion_dev"]
+    assert dev["gap_closed_by_set"] == {"dev_domain": 1.0, "discussion_dev": round(10 / 12, 4)}
+    assert dev["original"] == round(math.sqrt(5 * 8), 3) and dev["recovered"] == round(math.sqrt(5 * 10), 3)
     assert row["gap_closed"] != round((0.8 + 0.5) / 2, 4)
 
 

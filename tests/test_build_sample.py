@@ -1,4 +1,4 @@
-"""The pieces of data/build_sample.py that shape the documentation source's text."""
+"""The pieces of data/build_sample.py that shape the documentation and mailing-list sources' text."""
 
 from __future__ import annotations
 
@@ -41,3 +41,70 @@ def test_parts_cut_at_paragraph_breaks_within_the_limit(build_sample):
         pieces = build_sample.parts(text, limit)
         assert all(len(p) <= limit for p in pieces)
         assert "".join(pieces).replace("\n", "") == text.replace("\n", "")
+
+
+def test_mail_body_keeps_the_writer_and_one_level_of_quotes(build_sample):
+    body = (
+        "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA1\n\n"
+        "On Mon, Ann Other <ann@example.org> wrote:\n> Does it build?\n>> It did last week.\n\n\n\n"
+        "Yes, mail me at bob.smith+lists@mail.example.co.uk if not.\n"
+        "-- \nBob, whose signature is not text\n"
+    )
+    assert build_sample.mail_body(body) == (
+        "On Mon, Ann Other <[address]> wrote:\n> Does it build?\n\nYes, mail me at [address] if not."
+    )
+    for footer in (
+        "_______________________________________________\nRPM-List mailing list",
+        "-------------------------------------------------------\nThis sf.net email is sponsored by:",
+        "http://xent.com/mailman/listinfo/fork",
+        "-----Original Message-----\nFrom: someone",
+    ):
+        assert build_sample.mail_body(f"Thanks.\n{footer}\nmore") == "Thanks."
+    # A charset Python does not know still gives text.
+    assert build_sample.decoded("caf\xe9".encode("latin-1"), "unknown-8bit") == "caf\xe9"
+
+
+def test_mailing_list_messages_split_by_list_into_training_and_dev(build_sample, tmp_path, monkeypatch):
+    import io
+    import json
+    import tarfile
+
+    def mail(list_id, body, content_type="text/plain"):
+        return (
+            f"From: x@example.org\nSubject: =?iso-8859-1?q?Caf=E9?= question\nList-Id: Talk <{list_id}>\n"
+            f"Content-Type: {content_type}; charset=us-ascii\n\n{body}\n"
+        )
+
+    long = "A question about the build, in a few more words. " * 8
+    mails = {
+        "easy-ham-1/00001": mail("fork.xent.com", long),
+        "easy-ham-1/00002": mail("ilug.linux.ie", "Another " + long),
+        "easy-ham-1/00003": mail("ilug.linux.ie", long),  # a cross-post: also in training
+        "easy-ham-1/00004": mail("fork.xent.com", "Too short."),
+        "easy-ham-1/00005": mail("fork.xent.com", f"<p>{long}</p>", "text/html"),
+        "easy-ham-2/00006": mail("freshmeat-news.lists.freshmeat.net", long),  # neither list
+        "spam-1/00007": mail("fork.xent.com", long),
+    }
+    tarball = tmp_path / "mail.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name, text in mails.items():
+            group, number = name.split("/")
+            data = json.dumps({"id": number, "group": group, "text": text}).encode()
+            info = tarfile.TarInfo(f"package/data/{name}.deadbeef.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    messages = build_sample.mailing_list_messages(tarball)
+    assert [title for _, title, _ in messages] == [
+        "fork.xent.com easy-ham-1/00001",
+        "ilug.linux.ie easy-ham-1/00002",
+        "ilug.linux.ie easy-ham-1/00003",
+        "freshmeat-news.lists.freshmeat.net easy-ham-2/00006",
+    ]
+    assert messages[0][2] == "Subject: Caf\xe9 question\n\n" + long.strip()
+    train = list(build_sample.mailing_list_docs(messages))
+    assert [title for title, _ in train] == ["fork.xent.com easy-ham-1/00001"]
+    dev = build_sample.discussion_dev(messages, {build_sample.text_hash(text) for _, text in train})
+    assert [r["meta"]["title"] for r in dev] == ["ilug.linux.ie easy-ham-1/00002"]
+    assert dev[0]["meta"]["license"] == "CC0-1.0"
+    monkeypatch.setattr(build_sample, "MAIL_DEV_MAX_TOTAL_CHARS", 100)
+    assert build_sample.discussion_dev(messages, set()) == []

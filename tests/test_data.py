@@ -16,7 +16,7 @@ from cqil.recovery.data import calibration_tokens, expand_paths, iter_records, p
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 SOURCES = {"RedPajamaWikipedia", "RedPajamaBook", "RedPajamaGithub"}
-SAMPLE_SOURCES = SOURCES | {"SoftwareDocs"}
+SAMPLE_SOURCES = SOURCES | {"SoftwareDocs", "MailingLists"}
 WORDS = [f"w{i}" for i in range(300)]
 
 
