@@ -175,6 +175,7 @@ def test_recovery_quality_one_short_run():
         "RedPajamaBook",
         "RedPajamaGithub",
         "SoftwareDocs",
+        "MailingLists",
     }
     # Each task's accuracy for the three models on the same examples, its chance level and the share kept.
     tasks = row["tasks"]

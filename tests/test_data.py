@@ -191,6 +191,29 @@ def test_shipped_sample_files():
     assert sum(p.stat().st_size for p in SAMPLE_DIR.glob("*.jsonl.gz")) < 8_000_000
 
 
+def test_discussion_dev_set_holds_lists_the_sample_never_trains_on():
+    dev = list(
+        iter_records(
+            SAMPLE_DIR.parent / "other_domain" / "discussion_dev.jsonl.gz", source_field="meta.title"
+        )
+    )
+    mail = [
+        (text, title)
+        for split in ("train", "heldout")
+        for (text, title), (_, source) in zip(
+            iter_records(SAMPLE_DIR / f"{split}.jsonl.gz", source_field="meta.title"),
+            iter_records(SAMPLE_DIR / f"{split}.jsonl.gz"),
+            strict=True,
+        )
+        if source == "MailingLists"
+    ]
+    dev_lists = {title.split()[0] for _, title in dev}
+    assert dev_lists and all(name.endswith(".linux.ie") for name in dev_lists)
+    assert not dev_lists & {title.split()[0] for _, title in mail}
+    assert not {text for text, _ in dev} & {text for text, _ in mail}
+    assert 100_000 < sum(len(text) for text, _ in dev) <= 150_000
+
+
 # ------------------------------------------------------------------------------------ formats and streams
 def test_zstd_and_parquet_files(tmp_path):
     import pyarrow as pa
