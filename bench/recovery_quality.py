@@ -21,6 +21,8 @@ schedule keeps its shape), and prints one JSON line:
   ``data/README.md``), every document, with the gap closed per document; and ``out_of_domain``: the
   gap closed over the four test sets' tokens pooled, its lowest set and each set's
   (``--domains`` measures fewer sets, for a quicker look);
+* ``copying``: in-context copying, the perplexity of the second half of blocks whose second half
+  repeats the first (the first halves of the Python reference's blocks), measured with ``dev_domain``;
 * the tokens trained, the wall time of the training loop and its threads.
 
 Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
@@ -61,6 +63,9 @@ DOMAINS = {
 # Sets nothing is chosen on; the pooled out-of-domain figure is over these (not the dev sets).
 TEST_DOMAINS = ("other_domain", "dialogue", "science_docs", "project_readmes")
 DEV_DOMAINS = ("dev_domain", "discussion_dev")
+# The first half of each dev_domain block twice over, scored on the second copy: in-context copying,
+# the skill the rewrite damages most (measured whenever dev_domain is).
+COPYING = "copying"
 
 
 def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
@@ -81,6 +86,10 @@ def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
             titles += [title] * len(rows)
         tokens = torch.cat(blocks)[: args.other_sequences]
         sets[name] = (tokens, titles[: len(tokens)])
+    if "dev_domain" in sets:
+        tokens, titles = sets["dev_domain"]
+        half = tokens[:, : tokens.shape[1] // 2]
+        sets[COPYING] = (torch.cat([half, half], 1), titles)
     return sets
 
 
@@ -90,7 +99,10 @@ def domain_perplexity(model, sets: dict) -> dict[str, dict]:
 
     out = {}
     for name, (tokens, titles) in sets.items():
-        r = perplexity(model, tokens, sources=titles, batch_size=8, progress=False)
+        # On the copying probe only the second copy counts, from its second token: the first cannot
+        # be told from the text it repeats.
+        start = tokens.shape[1] // 2 + 1 if name == COPYING else 1
+        r = perplexity(model, tokens, sources=titles, batch_size=8, progress=False, score_from=start)
         out[name] = {
             "ppl": r["ppl"],
             "nll": r["nll"],
@@ -426,6 +438,7 @@ def main(argv=None) -> int:
                     "tokens": r["heldout_tokens"],
                 },
                 **{k: domain_row(k, originals, r) for k in args.domains},
+                **({COPYING: domain_row(COPYING, originals, r)} if COPYING in r["after"] else {}),
             }
             if any(k in TEST_DOMAINS for k in args.domains):
                 row["out_of_domain"] = pooled_row(originals, r)

@@ -279,6 +279,30 @@ def test_stream_mixture_sharding_and_exact_resume(tmp_path, tokenizer):
         TokenStream(tokenizer, [path], rank=0, world_size=1, **kw).load_state_dict(state)
 
 
+def test_stream_repeat_share_repeats_first_halves_and_reads_the_text_once(tmp_path, tokenizer):
+    from cqil.recovery.stream import TokenStream
+
+    path = write_jsonl(tmp_path / "d.jsonl", stream_docs())
+    plain = TokenStream(tokenizer, [path], seq_len=9).next_batch(60).flatten().tolist()
+    stream = TokenStream(tokenizer, [path], seq_len=9, repeat_share=0.3, seed=2)
+    blocks = stream.next_batch(60).tolist()
+    repeated = [b for b in blocks if b[5:] == b[:4]]
+    assert 0.15 < len(repeated) / len(blocks) < 0.45
+    # Every text token is read once, in order: a repeated block reads its first five tokens only.
+    read = [t for b in blocks for t in (b[:5] if b in repeated else b)]
+    assert read == plain[: len(read)]
+
+    state = stream.state_dict()
+    expected = stream.next_batch(30)
+    resumed = TokenStream(tokenizer, [path], seq_len=9, repeat_share=0.3, seed=2)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next_batch(30), expected)
+    other_seed = TokenStream(tokenizer, [path], seq_len=9, repeat_share=0.3, seed=3).next_batch(60)
+    assert other_seed.tolist() != blocks
+    with pytest.raises(ValueError, match="repeat_share"):
+        TokenStream(tokenizer, [path], seq_len=9, repeat_share=1.0)
+
+
 def test_stream_source_without_documents_is_named(tmp_path, tokenizer):
     from cqil.recovery.stream import TokenStream
 

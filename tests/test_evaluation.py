@@ -24,6 +24,20 @@ def test_perplexity_matches_transformers_loss():
     assert result["ppl"] == pytest.approx(math.exp(reference), rel=1e-5)
 
 
+def test_perplexity_from_a_position_scores_only_the_later_tokens():
+    model = make_model("llama")
+    tokens = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(1))
+    result = perplexity(model, tokens, progress=False, score_from=6)
+    labels = tokens.clone()
+    labels[:, :6] = -100  # transformers ignores these; position 6 is the first predicted
+    with torch.no_grad():
+        reference = model(input_ids=tokens, labels=labels).loss.item()
+    assert result["tokens"] == 3 * 4
+    assert result["nll"] == pytest.approx(reference, rel=1e-5)
+    with pytest.raises(ValueError, match="score_from"):
+        perplexity(model, tokens, progress=False, score_from=10)
+
+
 def test_perplexity_restores_training_mode():
     model = make_model("llama").train()
     perplexity(model, torch.zeros(1, 4, dtype=torch.long), progress=False)

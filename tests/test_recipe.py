@@ -186,6 +186,8 @@ def test_defaults_and_overrides():
         ("data.mixture=[a]", "data.mixture", "mapping"),
         ("data.mixture={a: -1}", "data.mixture.a", "negative"),
         ("data.eval_fraction=1", "data.eval_fraction", "< 1"),
+        ("data.repeat_share=1", "data.repeat_share", "< 1"),
+        ("data.repeat_share=-0.1", "data.repeat_share", ">= 0"),
         ("train.warmup_steps=500", "train.warmup_steps", "max_steps"),
         ("train.local_steps=500", "train.local_steps", "max_steps"),
         ("train.loss.local=-1", "train.loss.local", ">= 0"),

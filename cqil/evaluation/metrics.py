@@ -45,18 +45,21 @@ def perplexity(
     sources: Sequence[str] | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    score_from: int = 1,
 ) -> dict:
     """Perplexity of a causal LM on packed sequences ``tokens`` of shape (N, T).
 
-    Every position but the first of each row is predicted from the tokens before it in that
-    row (rows are independent, no sliding window). Returns ``{"ppl", "nll", "tokens"}`` where
-    ``nll`` is the mean negative log-likelihood per predicted token (nats) and ``tokens``
-    the number of predicted tokens, N * (T - 1). With ``sources`` (one name per row, as
+    Every position from ``score_from`` on (by default every one but the first) of each row is
+    predicted from the tokens before it in that row (rows are independent, no sliding window).
+    Returns ``{"ppl", "nll", "tokens"}`` where ``nll`` is the mean negative log-likelihood per
+    predicted token (nats) and ``tokens`` the number of predicted tokens, N * (T - score_from). With ``sources`` (one name per row, as
     :func:`cqil.recovery.data.heldout_blocks` gives), ``"by_source"`` maps each name to the same three
     numbers over its rows.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must have shape (N, T) with T >= 2, got {tuple(tokens.shape)}")
+    if not 1 <= score_from < tokens.shape[1]:
+        raise ValueError(f"score_from must be in [1, {tokens.shape[1]}), got {score_from}")
     if sources is not None and len(sources) != len(tokens):
         raise ValueError(f"{len(sources)} source names for {len(tokens)} sequences")
     device = next(model.parameters()).device
@@ -73,12 +76,14 @@ def perplexity(
                 # Cross-entropy in float32 even for half-precision models: the sum runs over
                 # the whole vocabulary and bf16 loses the small probabilities.
                 nll = F.cross_entropy(
-                    logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none"
+                    logits[:, score_from - 1 : -1].transpose(1, 2).float(),
+                    batch[:, score_from:],
+                    reduction="none",
                 ).sum(1)
                 row_nll[start : start + len(batch)] = nll.double().cpu()
     finally:
         model.train(was_training)
-    per_row = tokens.shape[1] - 1
+    per_row = tokens.shape[1] - score_from
 
     def summary(rows: torch.Tensor) -> dict:
         mean = float(rows.sum()) / (len(rows) * per_row)

@@ -258,6 +258,13 @@ class DataConfig:
     source_field: str = _f("meta.redpajama_set_name", "dotted path of a record's source label")
     text_field: str = _f("text", "key of a record's text")
     hub_split: str = _f("train", "split to stream for hf:// datasets")
+    repeat_share: float = _f(
+        0.0,
+        "share of training blocks whose second half repeats the first (chosen by a hash of the tokens): "
+        "distillation on them trains back the in-context copying the rewrite damages; 0: none",
+        ge=0,
+        lt=1,
+    )
 
     def __post_init__(self) -> None:
         # One path or many: always a list from here on.

@@ -8,7 +8,9 @@ recipe's probabilities, each rank reading only its own shards, resumed from the 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,6 +57,12 @@ class TokenStream:
       (the sources are endless, so it only stops on a source without documents, which is an
       error naming it). Without a mixture the documents come in file order.
 
+    With ``repeat_share`` > 0, that share of the blocks (chosen by a hash of their first half's tokens
+    and ``seed``) is the first half of the text twice over: text in which every token of the second
+    half can be copied from the context. In-context copying is what a rewrite of the middle layers
+    damages most (the teacher's loss on a repeated segment is a fifth of the rewritten model's), and
+    natural text repeats itself too rarely to train it back.
+
     Which files hold a source is found by peeking at the first :data:`PEEK_RECORDS` records of each
     file (:func:`peek_sources`): a file whose first records are all one source feeds only that
     source; a file with several feeds each of them (filtered by label).
@@ -82,6 +90,7 @@ class TokenStream:
         source_field: str | None = DEFAULT_SOURCE_FIELD,
         text_field: str = "text",
         hub_split: str = "train",
+        repeat_share: float = 0.0,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos_token_id to separate packed documents")
@@ -89,6 +98,8 @@ class TokenStream:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         if split not in (None, "train", "heldout"):
             raise DataError(f"split must be None, 'train' or 'heldout', got {split!r}")
+        if not 0 <= repeat_share < 1:
+            raise DataError(f"repeat_share must be in [0, 1), got {repeat_share}")
         if mixture is not None and not (any(w > 0 for w in mixture.values()) and min(mixture.values()) >= 0):
             raise DataError(f"mixture weights must be non-negative with a positive sum, got {mixture}")
         self.tokenizer, self.paths, self.seq_len = tokenizer, list(paths), seq_len
@@ -96,7 +107,7 @@ class TokenStream:
         self.mixture = {k: float(w) for k, w in mixture.items() if w > 0} if mixture else None
         self.split, self.heldout_fraction = split, heldout_fraction
         self.source_field, self.text_field, self.hub_split = source_field, text_field, hub_split
-        self.seed = seed
+        self.seed, self.repeat_share = seed, repeat_share
         self.dataset, self.shards = self._build()
         self._buffer: list[int] = []
         self._examples: Iterator[dict] | None = None
@@ -196,7 +207,13 @@ class TokenStream:
                 for ids in self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
                     self._buffer += ids
                     self._buffer.append(eos)
-            block, self._buffer = self._buffer[: self.seq_len], self._buffer[self.seq_len :]
+            head = self.seq_len - self.seq_len // 2
+            if self.repeat_share and _repeated(self._buffer[:head], self.repeat_share, self.seed):
+                # The block's second half repeats its first: only the first half is read from the text.
+                block, self._buffer = self._buffer[:head], self._buffer[head:]
+                block = block + block[: self.seq_len - head]
+            else:
+                block, self._buffer = self._buffer[: self.seq_len], self._buffer[self.seq_len :]
             yield torch.tensor(block, dtype=torch.long)
 
     def next_batch(self, batch_size: int) -> torch.LongTensor:
@@ -246,6 +263,13 @@ class TokenStream:
             if hasattr(self, attr):
                 delattr(self, attr)
         self._buffer = list(state["buffer"])
+
+
+def _repeated(head: list[int], share: float, seed: int) -> bool:
+    """Whether the block that starts with ``head`` repeats it: a hash of its tokens and the seed, so the
+    choice needs no state of its own, is the same after a resume and on every rank."""
+    digest = hashlib.blake2b(struct.pack(f"<q{len(head)}q", seed, *head), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < share
 
 
 def _generate_texts(files, source, source_field, text_field, split, fraction):

@@ -273,6 +273,7 @@ class RecoveryTrainer:
             source_field=data.source_field,
             text_field=data.text_field,
             hub_split=data.hub_split,
+            repeat_share=data.repeat_share,
         )
 
     def _setup_output_dir(self) -> None:
