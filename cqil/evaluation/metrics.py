@@ -52,9 +52,9 @@ def perplexity(
     Every position from ``score_from`` on (by default every one but the first) of each row is
     predicted from the tokens before it in that row (rows are independent, no sliding window).
     Returns ``{"ppl", "nll", "tokens"}`` where ``nll`` is the mean negative log-likelihood per
-    predicted token (nats) and ``tokens`` the number of predicted tokens, N * (T - score_from). With ``sources`` (one name per row, as
-    :func:`cqil.recovery.data.heldout_blocks` gives), ``"by_source"`` maps each name to the same three
-    numbers over its rows.
+    predicted token (nats) and ``tokens`` the number of predicted tokens, N * (T - score_from). With
+    ``sources`` (one name per row, as :func:`cqil.recovery.data.heldout_blocks` gives), ``"by_source"``
+    maps each name to the same three numbers over its rows.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must have shape (N, T) with T >= 2, got {tuple(tokens.shape)}")

@@ -272,8 +272,12 @@ def _lookup(record: dict, fields: list[str]) -> str | None:
 def in_heldout(text: str, fraction: float) -> bool:
     """Whether a document belongs to the held-out split: a hash of its text, so every run and
     every rank agrees, and a document never lands on both sides."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    return hash_fraction(text.encode("utf-8")) < fraction
+
+
+def hash_fraction(data: bytes) -> float:
+    """A number in [0, 1) fixed by ``data``: a choice every run, rank and resume agrees on."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") / 2**64
 
 
 PEEK_RECORDS = 1000  # records read from the head of each file to find its sources

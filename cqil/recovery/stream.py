@@ -8,7 +8,6 @@ recipe's probabilities, each rank reading only its own shards, resumed from the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import warnings
@@ -30,6 +29,7 @@ from cqil.recovery.data import (
     _lookup,
     _raw_records,
     expand_paths,
+    hash_fraction,
     in_heldout,
     peek_sources,
 )
@@ -60,7 +60,7 @@ class TokenStream:
     With ``repeat_share`` > 0, that share of the blocks (chosen by a hash of their first half's tokens
     and ``seed``) is the first half of the text twice over: text in which every token of the second
     half can be copied from the context. In-context copying is what a rewrite of the middle layers
-    damages most (the teacher's loss on a repeated segment is a fifth of the rewritten model's), and
+    damages most (on a repeated half block the original's perplexity is 1.8, the rewritten model's 18), and
     natural text repeats itself too rarely to train it back.
 
     Which files hold a source is found by peeking at the first :data:`PEEK_RECORDS` records of each
@@ -268,8 +268,7 @@ class TokenStream:
 def _repeated(head: list[int], share: float, seed: int) -> bool:
     """Whether the block that starts with ``head`` repeats it: a hash of its tokens and the seed, so the
     choice needs no state of its own, is the same after a resume and on every rank."""
-    digest = hashlib.blake2b(struct.pack(f"<q{len(head)}q", seed, *head), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < share
+    return hash_fraction(struct.pack(f"<q{len(head)}q", seed, *head)) < share
 
 
 def _generate_texts(files, source, source_field, text_field, split, fraction):
