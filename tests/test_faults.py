@@ -238,6 +238,26 @@ def test_another_recipe_is_refused_before_anything_is_written(
     assert snapshot(out) == before  # recipe.yaml included
 
 
+def test_a_run_started_before_a_key_existed_resumes_while_the_recipe_keeps_its_default(
+    root, finished, tmp_path, capsys
+):
+    """A key is added with the default that reproduces the older behaviour: a run whose marker lacks it
+    (started by an older cqil) goes on, and is refused only when the recipe sets it otherwise."""
+    out = copy_run(finished, tmp_path)
+    path = out / "cqil_run.json"
+    older = json.loads(path.read_text())
+    del older["fingerprint"]["data.repeat_share"]
+    path.write_text(json.dumps(older))
+    before = snapshot(out)
+    assert recover(root, out, "data.repeat_share=0.1") == 2
+    assert re.search(r"data\.repeat_share 0\.0 → 0\.1\); these change", one_error_line(capsys))
+    assert snapshot(out) == before
+    assert recover(root, out) == 0
+    marker = json.loads(path.read_text())
+    assert marker["fingerprint"]["data.repeat_share"] == 0.0
+    assert marker["history"] == older["history"]  # brought up to date, not recorded as a change
+
+
 def test_metrics_torn_line_and_trim(tmp_path):
     from cqil.evaluation.report import read_history
 

@@ -5,12 +5,19 @@ minus an explicit list of keys that do not change what is computed (logging, sav
 output), plus the world size. A new recipe key is therefore part of the fingerprint unless it is
 added to :data:`EXCLUDED`. It is written in ``output_dir/cqil_run.json`` (the marker that makes a
 folder a cqil run, written first) and in every checkpoint's ``trainer_state.json``.
+
+A key is added to the schema with the default that reproduces what cqil did before it existed, so a
+key missing from a run's recorded fingerprint (the run was started by an older cqil) compares as that
+default: the run resumes unless the recipe now sets the key to something else.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
+import typing
 from pathlib import Path
 
 from cqil.errors import RecipeError
@@ -67,9 +74,36 @@ def run_fingerprint(recipe: Recipe, world_size: int) -> dict:
     return json.loads(json.dumps(out))  # plain JSON values (tuples as lists), as read back from disk
 
 
+def schema_defaults(cls: type = Recipe, prefix: str = "") -> dict:
+    """Dotted key -> the schema's default, as :func:`run_fingerprint` writes it, for every key that has one."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif dataclasses.is_dataclass(hints[f.name]):  # a required section: its own fields' defaults
+            out |= schema_defaults(hints[f.name], name + ".")
+            continue
+        else:
+            continue
+        out |= _flatten({name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value})
+    return json.loads(json.dumps(out))
+
+
+@functools.cache
+def _defaults() -> dict:
+    return schema_defaults()
+
+
 def differences(old: dict, new: dict) -> dict[str, list]:
-    """Dotted key -> [old, new] for every key whose value differs (a missing key reads as None)."""
-    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    """Dotted key -> [old, new] for every key whose value differs. A key ``old`` lacks reads as its
+    schema default (``old`` was written before the key existed), any other missing key as None."""
+    defaults = _defaults()
+    before = {k: old[k] if k in old else defaults.get(k) for k in set(old) | set(new)}
+    return {k: [before[k], new.get(k)] for k in sorted(before) if before[k] != new.get(k)}
 
 
 def check_resumable(source: str, output_dir: Path, old: dict, new: dict, mode: str) -> dict:

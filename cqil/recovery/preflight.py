@@ -220,11 +220,12 @@ def claim_run_folder(output_dir: Path, checked: CheckedRun, processes: Processes
         if marker is None:
             fingerprint.write_marker(out, new)
         elif marker["fingerprint"] != new:
-            changed = fingerprint.differences(marker["fingerprint"], new)
-            if checked.resuming:
+            # No differences: the marker only gains the keys a newer cqil added, at their defaults.
+            changed, event = fingerprint.differences(marker["fingerprint"], new), None
+            if changed and checked.resuming:
                 step = json.loads((checked.resume_from / "trainer_state.json").read_text())["step"]
                 event = {"resume": "reset_optimizer", "step": step, "changed": changed}
-            else:  # nothing was trained: what an earlier attempt measured belongs to the old recipe
+            elif changed:  # nothing was trained: what an earlier attempt measured belongs to the old recipe
                 event = {"restart": "no checkpoint yet", "changed": changed}
                 shutil.rmtree(out / "plan", ignore_errors=True)
                 (out / "eval_before.json").unlink(missing_ok=True)
