@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["recipes/smollm2_135m.yaml", "recipes/lp_style.yaml", "recipes/cqil_style.yaml"]
@@ -68,10 +69,18 @@ DEV_DOMAINS = ("dev_domain", "discussion_dev")
 COPYING = "copying"
 
 
-def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
-    """Each domain set as ``(blocks, titles)``: every document packed on its own into ``seq_len``-token
-    blocks (a tail shorter than a block is dropped), the document's title beside each row, in file
-    order; ``--other-sequences N`` keeps the first ``N`` blocks."""
+class DomainSet(NamedTuple):
+    """A set's token blocks, each block's document title, and the position its scoring starts at."""
+
+    blocks: Any  # torch.LongTensor (rows, seq_len); torch is imported only where a model runs
+    titles: list[str]
+    score_from: int = 1
+
+
+def domain_blocks(tokenizer, recipe, args) -> dict[str, DomainSet]:
+    """Each domain set: every document packed on its own into ``seq_len``-token blocks (a tail shorter
+    than a block is dropped), the document's title beside each row, in file order;
+    ``--other-sequences N`` keeps the first ``N`` blocks. With ``dev_domain``, the copying probe."""
     import torch
 
     from cqil.recovery.data import iter_records, pack_tokens
@@ -85,24 +94,26 @@ def domain_blocks(tokenizer, recipe, args) -> dict[str, tuple]:
             blocks.append(rows)
             titles += [title] * len(rows)
         tokens = torch.cat(blocks)[: args.other_sequences]
-        sets[name] = (tokens, titles[: len(tokens)])
+        sets[name] = DomainSet(tokens, titles[: len(tokens)])
     if "dev_domain" in sets:
-        tokens, titles = sets["dev_domain"]
-        half = tokens[:, : tokens.shape[1] // 2]
-        sets[COPYING] = (torch.cat([half, half], 1), titles)
+        dev = sets["dev_domain"]
+        half = dev.blocks.shape[1] // 2
+        # Only the second copy is scored, from its second token: the first cannot be told from the
+        # text it repeats.
+        sets[COPYING] = DomainSet(dev.blocks[:, :half].repeat(1, 2), dev.titles, score_from=half + 1)
     return sets
 
 
-def domain_perplexity(model, sets: dict) -> dict[str, dict]:
-    """``{"ppl", "nll", "tokens", "by_document": {title: ppl}}`` of ``model`` on each domain set."""
+def domain_perplexity(model, sets: dict[str, DomainSet]) -> dict[str, dict]:
+    """``{"ppl", "nll", "tokens", "by_document": {title: ppl}}`` of ``model`` on each domain set
+    (``tokens``: the tokens scored)."""
     from cqil.evaluation.metrics import perplexity
 
     out = {}
-    for name, (tokens, titles) in sets.items():
-        # On the copying probe only the second copy counts, from its second token: the first cannot
-        # be told from the text it repeats.
-        start = tokens.shape[1] // 2 + 1 if name == COPYING else 1
-        r = perplexity(model, tokens, sources=titles, batch_size=8, progress=False, score_from=start)
+    for name, s in sets.items():
+        r = perplexity(
+            model, s.blocks, sources=s.titles, batch_size=8, progress=False, score_from=s.score_from
+        )
         out[name] = {
             "ppl": r["ppl"],
             "nll": r["nll"],
@@ -152,6 +163,7 @@ def domain_row(name: str, originals: dict, r: dict) -> dict:
         "recovered": round(three[2]["ppl"], 3),
         "gap_closed": round(gap(*(x["ppl"] for x in three)), 4),
         "tokens": r["domain_tokens"][name],
+        "scored_tokens": three[2]["tokens"],
         "documents": r["domain_documents"][name],
     }
     if name in TEST_DOMAINS:
@@ -238,8 +250,8 @@ def child(args) -> None:
                 "threads": torch.get_num_threads(),
                 "tokens": results.get("tokens_seen"),
                 "heldout_tokens": results["recovered"]["tokens"],
-                "domain_tokens": {k: int(t.numel()) for k, (t, _) in texts.items()},
-                "domain_documents": {k: len(set(titles)) for k, (_, titles) in texts.items()},
+                "domain_tokens": {k: int(s.blocks.numel()) for k, s in texts.items()},
+                "domain_documents": {k: len(set(s.titles)) for k, s in texts.items()},
             }
         ),
         flush=True,

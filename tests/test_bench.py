@@ -159,6 +159,8 @@ def test_recovery_quality_one_short_run():
         assert r["gap_closed"] == pytest.approx(expected, abs=2e-3)
     # The copying probe repeats the Python reference's blocks' first halves: the copy is easy to predict.
     assert row["copying"]["original"] < row["dev_domain"]["original"] / 2
+    # Scored: each block from its second token; the probe's second copy from its second token.
+    assert row["dev_domain"]["scored_tokens"] == 30 * 127 and row["copying"]["scored_tokens"] == 30 * 63
     # 30 blocks of the package READMEs, each README packed on its own, reach into the third one.
     docs = row["other_domain"]
     assert docs["tokens"] == 30 * 128 and docs["documents"] == 3
