@@ -74,8 +74,10 @@ def run_fingerprint(recipe: Recipe, world_size: int) -> dict:
     return json.loads(json.dumps(out))  # plain JSON values (tuples as lists), as read back from disk
 
 
+@functools.cache
 def schema_defaults(cls: type = Recipe, prefix: str = "") -> dict:
-    """Dotted key -> the schema's default, as :func:`run_fingerprint` writes it, for every key that has one."""
+    """Dotted key -> the schema's default, as :func:`run_fingerprint` writes it, for every key that has
+    one (read only: the result is cached)."""
     out = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -93,15 +95,10 @@ def schema_defaults(cls: type = Recipe, prefix: str = "") -> dict:
     return json.loads(json.dumps(out))
 
 
-@functools.cache
-def _defaults() -> dict:
-    return schema_defaults()
-
-
 def differences(old: dict, new: dict) -> dict[str, list]:
     """Dotted key -> [old, new] for every key whose value differs. A key ``old`` lacks reads as its
     schema default (``old`` was written before the key existed), any other missing key as None."""
-    defaults = _defaults()
+    defaults = schema_defaults()
     before = {k: old[k] if k in old else defaults.get(k) for k in set(old) | set(new)}
     return {k: [before[k], new.get(k)] for k in sorted(before) if before[k] != new.get(k)}
 
