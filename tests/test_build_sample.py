@@ -1,4 +1,4 @@
-"""The pieces of data/build_sample.py that shape the documentation and mailing-list sources' text."""
+"""The pieces of data/build_sample.py that shape the documentation, mailing-list and chat sources' text."""
 
 from __future__ import annotations
 
@@ -115,3 +115,52 @@ def test_mailing_list_messages_refuses_a_damaged_tarball_naming_it(build_sample,
     damaged.write_bytes(b"\x1f\x8b\x08\x00 not a whole gzip stream")
     with pytest.raises(SystemExit, match="mail.tgz: not a readable copy"):
         build_sample.mailing_list_messages(damaged)
+
+
+def test_chat_conversations_label_speakers_and_split_by_round(build_sample, tmp_path, monkeypatch):
+    import json
+    import zipfile
+
+    def conversation(start, *turns):
+        messages = [
+            [{"text": text, "timestamp": start, "sender": sender} for text in texts]
+            for sender, texts in turns
+        ]
+        return {"start": start, "prompt": "", "ratings": {}, "messages": messages}
+
+    chatty = "and then we walked all the way back along the river in the rain " * 3
+    data = {
+        "c1": conversation(
+            "2018-05-01T10:00:00Z", ("u2", ["Hi!", "how are\nyou?"]), ("u1", [chatty]), ("u2", [chatty])
+        ),
+        "c2": conversation("2018-10-01T10:00:00Z", ("u1", [chatty]), ("u3", ["  ", chatty])),
+        "c3": conversation("2018-05-02T10:00:00Z", ("u1", [chatty * 3])),  # the other never answered
+        "c4": conversation("2018-05-03T10:00:00Z", ("u1", ["Hi"]), ("u2", ["Hey"])),  # too short
+    }
+    wheel = tmp_path / build_sample.CHAT_WHEEL
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("chitchat_dataset/dataset.json", json.dumps(data))
+    conversations = build_sample.chat_conversations(wheel)
+    assert [title for _, title, _ in conversations] == ["chitchat c1", "chitchat c2"]
+    # One message a line; the first writer is A; a message's line break becomes a space; empty ones go.
+    assert conversations[0][2] == f"A: Hi!\nA: how are you?\nB: {chatty.strip()}\nA: {chatty.strip()}"
+    assert conversations[1][2] == f"A: {chatty.strip()}\nB: {chatty.strip()}"
+    # The spring round trains; the autumn round is the dev set, never trained on.
+    assert [title for title, _ in build_sample.chat_docs(conversations)] == ["chitchat c1"]
+    dev = build_sample.chat_dev(conversations)
+    assert [r["text"] for r in dev] == [conversations[1][2]]
+    assert dev[0]["meta"] == {"redpajama_set_name": "ChatDev", "title": "chitchat dev 1", "license": "MIT"}
+    # Dev conversations are joined into documents within the limit; the total is capped by whole documents.
+    later = [(f"2018-10-0{i}", f"chitchat d{i}", f"A: {i}{chatty}\nB: ok") for i in range(1, 5)]
+    monkeypatch.setattr(build_sample, "CHAT_DEV_DOC_CHARS", 2 * len(later[0][2]) + 2)
+    docs = build_sample.chat_dev(later)
+    assert len(docs) == 2 and all(r["text"].count("\n\nA: ") == 1 for r in docs)
+    monkeypatch.setattr(build_sample, "CHAT_DEV_MAX_TOTAL_CHARS", len(docs[0]["text"]))
+    assert len(build_sample.chat_dev(later)) == 1
+
+
+def test_chat_conversations_refuse_a_damaged_wheel_naming_it(build_sample, tmp_path):
+    damaged = tmp_path / "chat.whl"
+    damaged.write_bytes(b"PK not a whole zip")
+    with pytest.raises(SystemExit, match="chat.whl: not a readable copy"):
+        build_sample.chat_conversations(damaged)

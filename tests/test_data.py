@@ -16,7 +16,7 @@ from cqil.recovery.data import calibration_tokens, expand_paths, iter_records, p
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 SOURCES = {"RedPajamaWikipedia", "RedPajamaBook", "RedPajamaGithub"}
-SAMPLE_SOURCES = SOURCES | {"SoftwareDocs", "MailingLists"}
+SAMPLE_SOURCES = SOURCES | {"SoftwareDocs", "MailingLists", "Chat"}
 WORDS = [f"w{i}" for i in range(300)]
 
 
@@ -211,6 +211,21 @@ def test_discussion_dev_set_holds_lists_the_sample_never_trains_on():
     assert dev_lists and all(name.endswith(".linux.ie") for name in dev_lists)
     assert not dev_lists & {title.split()[0] for _, title in mail}
     assert not {text for text, _ in dev} & {text for text, _ in mail}
+    assert 100_000 < sum(len(text) for text, _ in dev) <= 150_000
+
+
+def test_chat_dev_set_holds_conversations_the_sample_never_trains_on():
+    dev = list(iter_records(SAMPLE_DIR.parent / "other_domain" / "chat_dev.jsonl.gz"))
+    chat = [
+        text
+        for split in ("train", "heldout")
+        for text, source in iter_records(SAMPLE_DIR / f"{split}.jsonl.gz")
+        if source == "Chat"
+    ]
+    conversations = [c for text, _ in dev for c in text.split("\n\n")]
+    assert {source for _, source in dev} == {"ChatDev"} and len(conversations) > len(dev)
+    assert all(line[:3] in ("A: ", "B: ") for c in conversations + chat for line in c.splitlines())
+    assert not set(conversations) & set(chat)
     assert 100_000 < sum(len(text) for text, _ in dev) <= 150_000
 
 
