@@ -12,10 +12,11 @@ schedule keeps its shape), and prints one JSON line:
   per source;
 * the same on **text from a domain the training data does not contain**, every document of each set
   (``data/other_domain/package_docs.jsonl.gz``, the READMEs of 21 packages, never trained or tuned
-  on, with the gap closed per README) and on the two dev sets, the ones to compare recipe variants
+  on, with the gap closed per README) and on the three dev sets, the ones to compare recipe variants
   on: ``python_docs.jsonl.gz`` (the Python language reference, the same kind of text as the READMEs
-  from another source) and ``discussion_dev.jsonl.gz`` (mailing-list discussion from lists the
-  sample's ``MailingLists`` source leaves out); ``dev``: the gap closed over the two pooled;
+  from another source), ``discussion_dev.jsonl.gz`` (mailing-list discussion from lists the
+  sample's ``MailingLists`` source leaves out) and ``chat_dev.jsonl.gz`` (small talk from chat rounds
+  the sample's ``Chat`` source leaves out); ``dev``: the gap closed over them pooled;
 * the same on each **frozen out-of-domain set** (``dialogue``, ``science_docs``, ``project_readmes``
   of ``data/other_domain/``, committed before any model was measured on them; see
   ``data/README.md``), every document, with the gap closed per document; and ``out_of_domain``: the
@@ -26,7 +27,8 @@ schedule keeps its shape), and prints one JSON line:
 * the tokens trained, the wall time of the training loop and its threads.
 
 Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
-latency, the report, checkpoints) switched off; everything else is the recipe's. A recipe whose
+latency, the report, checkpoints, the recipe's own ``eval.other_domain``, which the sets above
+include) switched off; everything else is the recipe's. A recipe whose
 rewrite costs less (``cqil_style``'s bypass ``none``) starts from a smaller gap, so the recovered
 perplexity itself is printed beside the fraction. Runs one after another; the whole default grid
 takes about an hour on 2 cores. ``--out`` appends the JSON lines to a file as they come.
@@ -50,20 +52,22 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["recipes/smollm2_135m.yaml", "recipes/lp_style.yaml", "recipes/cqil_style.yaml"]
 # Text of a domain the training sample lacks: "other_domain" is the test set (never tuned on);
-# "dev_domain" is the same kind of text from another source and "discussion_dev" mail from lists the
-# sample does not train on: recipe variants are compared on these two. The frozen sets are test sets
+# "dev_domain" is the same kind of text from another source, "discussion_dev" mail from lists the
+# sample does not train on and "chat_dev" chat from rounds it does not train on: recipe variants are
+# compared on these three. The frozen sets are test sets
 # like "other_domain" (see data/README.md).
 DOMAINS = {
     "other_domain": ROOT / "data" / "other_domain" / "package_docs.jsonl.gz",
     "dev_domain": ROOT / "data" / "other_domain" / "python_docs.jsonl.gz",
     "discussion_dev": ROOT / "data" / "other_domain" / "discussion_dev.jsonl.gz",
+    "chat_dev": ROOT / "data" / "other_domain" / "chat_dev.jsonl.gz",
     "dialogue": ROOT / "data" / "other_domain" / "dialogue.jsonl.gz",
     "science_docs": ROOT / "data" / "other_domain" / "science_docs.jsonl.gz",
     "project_readmes": ROOT / "data" / "other_domain" / "project_readmes.jsonl.gz",
 }
 # Sets nothing is chosen on; the pooled out-of-domain figure is over these (not the dev sets).
 TEST_DOMAINS = ("other_domain", "dialogue", "science_docs", "project_readmes")
-DEV_DOMAINS = ("dev_domain", "discussion_dev")
+DEV_DOMAINS = ("dev_domain", "discussion_dev", "chat_dev")
 # The first half of each dev_domain block twice over, scored on the second copy: in-context copying,
 # the skill the rewrite damages most (measured whenever dev_domain is).
 COPYING = "copying"
@@ -209,6 +213,7 @@ def child(args) -> None:
         "eval.tasks=[]",
         "eval.latency=false",
         "eval.report=false",
+        "eval.other_domain=null",  # measured here on every set, three times over in the trainer
         "train.trackers=[]",
         "train.save_every_steps=0",
         f"eval.num_sequences={args.heldout_sequences}",
@@ -357,7 +362,7 @@ def main(argv=None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a recipe override for every run (repeatable; dotted keys as in `cqil train --set`)",
+        help="a recipe override for every run (repeatable; dotted keys, as `cqil recover RECIPE key=value`)",
     )
     parser.add_argument(
         "--label",
