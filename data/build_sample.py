@@ -179,6 +179,22 @@ def stdlib_docs() -> Iterator[tuple[str, str]]:
         yield f"python{sys.version_info.major}.{sys.version_info.minor}/Lib/{rel}", text
 
 
+def up_to(items, limit: int) -> Iterator:
+    """``items`` (tuples whose last element is a text) in order while their texts' total length stays
+    within ``limit``; the first that would pass it ends the run."""
+    total = 0
+    for item in items:
+        total += len(item[-1])
+        if total > limit:
+            return
+        yield item
+
+
+def cut_at_line(text: str, limit: int) -> str:
+    """``text`` cut at its last line break within ``limit`` characters, if it is longer."""
+    return text if len(text) <= limit else text[: text.rfind("\n", 0, limit)]
+
+
 def rst_prose(text: str) -> str:
     """A reST page without directive and option lines, runs of blank lines collapsed."""
     lines = [line.rstrip() for line in text.splitlines() if not _RST_MARKUP.match(line)]
@@ -217,11 +233,7 @@ def software_docs(sdist_dir: Path) -> Iterator[tuple[str, str]]:
                     continue
                 pages.append((f"{project}/{rel}", rst_prose(tar.extractfile(member).read().decode("utf-8"))))
     pages.sort(key=lambda page: hashlib.sha1(page[0].encode()).hexdigest())  # a fixed spread of projects
-    total = 0
-    for title, text in pages:
-        if total + len(text) > DOCS_MAX_TOTAL_CHARS:
-            break
-        total += len(text)
+    for title, text in up_to(pages, DOCS_MAX_TOTAL_CHARS):
         for k, part in enumerate(parts(text, DOCS_PART_CHARS)):
             if len(part) >= DOCS_MIN_PART_CHARS:
                 yield f"{title} part {k + 1}", part
@@ -295,12 +307,8 @@ def discussion_dev(messages: list[tuple[str, str, str]], train_hashes: set[str])
         digest = text_hash(text)
         if list_id in MAIL_DEV_LISTS and digest not in train_hashes:
             dev.setdefault(digest, (title, text))
-    records, total = [], 0
-    for digest in sorted(dev):
-        title, text = dev[digest]
-        if total + len(text) > MAIL_DEV_MAX_TOTAL_CHARS:
-            break
-        total += len(text)
+    records = []
+    for title, text in up_to((dev[digest] for digest in sorted(dev)), MAIL_DEV_MAX_TOTAL_CHARS):
         meta = {"redpajama_set_name": "DiscussionDev", "title": title, "license": "CC0-1.0"}
         records.append({"text": text, "meta": meta})
     return records
@@ -331,9 +339,7 @@ def chat_conversations(wheel: Path) -> list[tuple[str, str, str]]:
         text = "\n".join(lines)
         if len(speakers) != 2 or len(text) < CHAT_MIN_CHARS:
             continue  # one side never answered (a third of them), or too short to be a conversation
-        if len(text) > CHAT_MAX_CHARS:
-            text = text[: text.rfind("\n", 0, CHAT_MAX_CHARS)]
-        out.append((conversation["start"], f"chitchat {key}", text))
+        out.append((conversation["start"], f"chitchat {key}", cut_at_line(text, CHAT_MAX_CHARS)))
     return out
 
 
@@ -342,11 +348,7 @@ def chat_docs(conversations: list[tuple[str, str, str]]) -> Iterator[tuple[str, 
     train = sorted(
         (text_hash(text), title, text) for start, title, text in conversations if start < CHAT_DEV_FROM
     )
-    total = 0
-    for _, title, text in train:
-        if total + len(text) > CHAT_MAX_TOTAL_CHARS:
-            break
-        total += len(text)
+    for _, title, text in up_to(train, CHAT_MAX_TOTAL_CHARS):
         yield title, text
 
 
@@ -356,18 +358,14 @@ def chat_dev(conversations: list[tuple[str, str, str]]) -> list[dict]:
     dev = sorted((text_hash(text), text) for start, _, text in conversations if start >= CHAT_DEV_FROM)
     docs = [""]
     for _, text in dev:
-        if len(text) > CHAT_DEV_DOC_CHARS:
-            text = text[: text.rfind("\n", 0, CHAT_DEV_DOC_CHARS)]
+        text = cut_at_line(text, CHAT_DEV_DOC_CHARS)
         joined = f"{docs[-1]}\n\n{text}" if docs[-1] else text
         if len(joined) > CHAT_DEV_DOC_CHARS:
             docs.append(text)
         else:
             docs[-1] = joined
-    records, total = [], 0
-    for i, text in enumerate(docs):
-        if total + len(text) > CHAT_DEV_MAX_TOTAL_CHARS:
-            break
-        total += len(text)
+    records = []
+    for i, text in up_to(enumerate(docs), CHAT_DEV_MAX_TOTAL_CHARS):
         meta = {"redpajama_set_name": "ChatDev", "title": f"chitchat dev {i + 1}", "license": "MIT"}
         records.append({"text": text, "meta": meta})
     return records
