@@ -26,6 +26,13 @@ schedule keeps its shape), and prints one JSON line:
   repeats the first (the first halves of the Python reference's blocks), measured with ``dev_domain``;
 * the tokens trained, the wall time of the training loop and its threads.
 
+``--cache DIR`` keeps the original's and the untrained rewrite's measurements in ``DIR`` and reuses
+them: they depend on the model, the sets, the tasks and the code, not on what a recipe trains or on
+what text, so a sweep over the training measures them once (about half of a run's time on 2 cores).
+Each file is keyed by a hash of everything they depend on (the model's files, each set's bytes, the
+rewrite's recipe keys, this script, the cqil package, the local tasks, the releases of torch,
+transformers and lm-eval); a row lists under ``reused`` what it took from ``DIR``.
+
 Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
 latency, the report, checkpoints, the recipe's own ``eval.other_domain``, which the sets above
 include) switched off; everything else is the recipe's. A recipe whose
@@ -40,6 +47,7 @@ takes about an hour on 2 cores. ``--out`` appends the JSON lines to a file as th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import subprocess
@@ -201,6 +209,79 @@ def pooled_row(originals: dict, r: dict, pool: tuple[str, ...] = TEST_DOMAINS) -
     }
 
 
+def _digest(paths, h=None) -> str:
+    """sha256 over each file's name relative to its folder's parent and its bytes, in the given order."""
+    h = h or hashlib.sha256()
+    for path in paths:
+        h.update(f"{path.parent.name}/{path.name}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path, *patterns: str) -> list[Path]:
+    found = {p for pattern in patterns for p in folder.rglob(pattern) if p.is_file()}
+    return sorted(p for p in found if "__pycache__" not in p.parts)
+
+
+def measurement_key(args, recipe, *, rewritten: bool) -> dict:
+    """What the original's (``rewritten=False``) or the untrained rewrite's measurements on the sets
+    and tasks depend on. The rewrite's recipe keys: the model, the plan and its form, LoRA (whose
+    zero-initialised adapters still join the model), the seed; everything the trainer reads when the
+    plan is searched (the search scores plans on the training text)."""
+    from importlib.metadata import version
+
+    from cqil.pretrained import resolve_model_path
+    from cqil.recovery.fingerprint import run_fingerprint
+
+    model = Path(resolve_model_path(recipe.model.name_or_path))
+    if not model.is_dir():
+        raise SystemExit(f"--cache: {recipe.model.name_or_path} is not a local model folder")
+    sets = [*args.domains, *(["dev_domain"] if "dev_domain" in args.domains else [])]
+    key = {
+        "measured": "rewritten" if rewritten else "original",
+        "model": _digest(_files(model, "*.json", "*.safetensors")),
+        "sets": {name: _digest([DOMAINS[name]]) for name in dict.fromkeys(sets)},
+        "blocks": args.other_sequences,
+        "tasks": args.tasks,
+        "task_limit": args.task_limit,
+        "code": _digest([Path(__file__).resolve(), *_files(ROOT / "cqil", "*.py", "*.yaml", "*.json")])
+        + _digest(_files(ROOT / "data" / "tasks", "*")),
+        "releases": {p: version(p) for p in ("torch", "transformers", "lm_eval")},
+    }
+    fingerprint = run_fingerprint(recipe, world_size=1)
+    if rewritten and recipe.parallelize.search is None:
+        keep = ("model.", "parallelize.", "train.lora", "train.seed", "train.seq_len")
+        fingerprint = {k: v for k, v in fingerprint.items() if k.startswith(keep)}
+    elif not rewritten:
+        fingerprint = {k: v for k, v in fingerprint.items() if k.startswith(("model.", "train.seq_len"))}
+    key["recipe"] = fingerprint
+    return key
+
+
+def reuse(cache: Path | None, key: dict, measure, reused: list[str]):
+    """``measure()``, or what it returned for the same ``key`` before, read from ``cache``."""
+    if cache is None:
+        return measure()
+    from cqil.files import write_atomic
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    path = cache / f"{key['measured']}-{digest[:20]}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored["key"] == key:
+            print(
+                f"recovery_quality: the {key['measured']} model's measurements from {path}", file=sys.stderr
+            )
+            reused.append(key["measured"])
+            return stored["measures"]
+    measures = measure()
+    cache.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"key": key, "measures": measures}, indent=1))
+    return json.loads(json.dumps(measures))  # as a reuse would return it (tuples as lists)
+
+
 def child(args) -> None:
     """One recovery run in this process; prints its JSON line."""
     import torch
@@ -226,8 +307,13 @@ def child(args) -> None:
         texts = domain_blocks(trainer.tokenizer, recipe, args)
         student = trainer.model.student
         # The rewritten model before any step, out of domain (the held-out split's is in results).
-        before = domain_perplexity(student, texts)
-        tasks_before = run_tasks(student, trainer.tokenizer, args)
+        reused: list[str] = []
+        before, tasks_before = reuse(
+            args.cache,
+            measurement_key(args, recipe, rewritten=True),
+            lambda: (domain_perplexity(student, texts), run_tasks(student, trainer.tokenizer, args)),
+            reused,
+        )
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
@@ -257,6 +343,7 @@ def child(args) -> None:
                 "heldout_tokens": results["recovered"]["tokens"],
                 "domain_tokens": {k: int(s.blocks.numel()) for k, s in texts.items()},
                 "domain_documents": {k: len(set(s.titles)) for k, s in texts.items()},
+                "reused": reused,
             }
         ),
         flush=True,
@@ -272,15 +359,21 @@ def run_tasks(model, tokenizer, args) -> dict:
     return lm_eval_tasks(model, tokenizer, args.tasks, limit=args.task_limit, batch_size=8)
 
 
-def original_measures(args) -> tuple[dict, dict]:
+def original_measures(args, reused: list[str]) -> tuple[dict, dict]:
     """Perplexity of the untouched model on each domain set and its ``--tasks`` (the same for every
     recipe)."""
     from cqil.pretrained import load_model
     from cqil.recovery.recipe import load_recipe
 
     recipe = load_recipe(ROOT / RECIPES[0])
-    model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
-    return domain_perplexity(model, domain_blocks(tokenizer, recipe, args)), run_tasks(model, tokenizer, args)
+
+    def measure():
+        model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
+        return domain_perplexity(model, domain_blocks(tokenizer, recipe, args)), run_tasks(
+            model, tokenizer, args
+        )
+
+    return reuse(args.cache, measurement_key(args, recipe, rewritten=False), measure, reused)
 
 
 def task_rows(originals: dict, before: dict, after: dict) -> dict:
@@ -358,6 +451,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="train.cpu_threads of every run")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the original's and the untrained rewrite's measurements here and reuse them when "
+        "nothing they depend on changed (off by default)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -404,7 +505,8 @@ def main(argv=None) -> int:
             check_tasks(args.tasks, task_manager())
         except CqilError as e:
             parser.exit(2, f"error: --tasks: {e}\n")
-    originals, original_tasks = original_measures(args)
+    reused_originals: list[str] = []
+    originals, original_tasks = original_measures(args, reused_originals)
     for path, recipe in recipes.items():
         for scale in args.scales:
             sets = [*args.set, *scaled_overrides(recipe, scale, reference_tokens)]  # the later wins
@@ -428,6 +530,8 @@ def main(argv=None) -> int:
                     cmd += ["--tasks", *args.tasks]
                 if args.task_limit is not None:
                     cmd += ["--task-limit", str(args.task_limit)]
+                if args.cache is not None:
+                    cmd += ["--cache", str(args.cache.resolve())]
                 for s in sets:
                     cmd += ["--set", s]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -463,6 +567,8 @@ def main(argv=None) -> int:
                 row["dev"] = pooled_row(originals, r, DEV_DOMAINS)
             if args.tasks:
                 row["tasks"] = task_rows(original_tasks, r["tasks_before"], r["tasks_after"])
+            if args.cache is not None:
+                row["reused"] = [*reused_originals, *r["reused"]]
             line = json.dumps(row)
             print(line, flush=True)
             if args.out is not None:

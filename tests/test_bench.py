@@ -182,6 +182,7 @@ def test_recovery_quality_one_short_run():
         "RedPajamaGithub",
         "SoftwareDocs",
         "MailingLists",
+        "Chat",
     }
     # Each task's accuracy for the three models on the same examples, its chance level and the share kept.
     tasks = row["tasks"]
@@ -363,3 +364,60 @@ def test_serving_leaves_out_a_cpu_time_ratio_the_clock_cannot_resolve(monkeypatc
     assert bench.cpu_ratio([0.0], [1.0]) is None
     # Measurable on both sides: the ratio of the medians, a slowdown reading below 1.
     assert bench.cpu_ratio([1.0, 0.5, 2.0], [2.0, 4.0, 1.0]) == pytest.approx(0.5)
+
+
+def test_recovery_quality_cache_is_keyed_by_what_the_untrained_measurements_depend_on(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from cqil.recovery.recipe import load_recipe
+
+    bench = bench_script("recovery_quality", monkeypatch)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    sets = {}
+    for name in ("other_domain", "dev_domain"):
+        sets[name] = tmp_path / f"{name}.jsonl.gz"
+        sets[name].write_bytes(name.encode())
+    monkeypatch.setattr(bench, "DOMAINS", sets)
+    args = SimpleNamespace(domains=list(sets), other_sequences=16, tasks=["cqil_last_word"], task_limit=4)
+
+    def keys(*overrides, **changed):
+        recipe = load_recipe(REPO / "recipes/smollm2_135m.yaml", [f"model.name_or_path={model}", *overrides])
+        a = SimpleNamespace(**{**vars(args), **changed})
+        return bench.measurement_key(a, recipe, rewritten=False), bench.measurement_key(
+            a, recipe, rewritten=True
+        )
+
+    original, rewritten = keys()
+    assert original != rewritten and original["measured"] == "original"
+    # What a run trains, and on what text, changes neither.
+    assert keys("train.lr=1e-3", "train.max_steps=7", "data.mixture={RedPajamaBook: 1.0}") == (
+        original,
+        rewritten,
+    )
+    # The rewrite changes the rewritten model's key alone.
+    other_plan = keys("parallelize.bypass=none")
+    assert other_plan[0] == original and other_plan[1] != rewritten
+    assert keys(other_sequences=8) != (original, rewritten)
+    for changed in (sets["dev_domain"], model / "model.safetensors"):
+        changed.write_bytes(b"changed")
+        now = keys()
+        assert now[0] != original and now[1] != rewritten
+        original, rewritten = now
+
+    calls, reused = [], []
+    cache = tmp_path / "cache"
+
+    def measure():
+        calls.append(1)
+        return {"other_domain": {"ppl": 12.5}}, {"cqil_last_word": {"acc": 0.25}}
+
+    first = bench.reuse(cache, original, measure, reused)
+    again = bench.reuse(cache, original, measure, reused)
+    assert first == again == [{"other_domain": {"ppl": 12.5}}, {"cqil_last_word": {"acc": 0.25}}]
+    assert len(calls) == 1 and reused == ["original"]
+    bench.reuse(cache, rewritten, measure, reused)  # another key: measured, not read
+    assert len(calls) == 2 and reused == ["original"] and len(list(cache.glob("*.json"))) == 2
+    assert bench.reuse(None, original, measure, reused) == measure() and len(calls) == 4
