@@ -85,6 +85,10 @@ def test_comparison_recipes_use_equal_tokens():
     assert cqil.train.lora.r == 32 and cqil.train.lora.target == "all" and cqil.train.loss.lm == 0
     lp = load_recipe(next(p for p in RECIPES if p.stem == "lp_style"))
     assert lp.train.loss.kd == 0 and lp.train.loss.lm > 0 and lp.train.lora is None
+    # The baselines read the default's text, so the comparison is of the recipes alone.
+    default = load_recipe(next(p for p in RECIPES if p.stem == "smollm2_135m"))
+    assert cqil.data.mixture == lp.data.mixture == default.data.mixture
+    assert cqil.data.train == lp.data.train == default.data.train
 
 
 def test_coalesce_recipe_is_the_default_run_with_the_other_transform():
