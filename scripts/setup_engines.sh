@@ -21,6 +21,8 @@ PYTHON="${PYTHON:-python3}"
 # 0.3.36 vendors a llama.cpp whose deci graph reads per-layer head counts and FFN lengths and adds
 # optional q/k/v, output and FFN biases (what cqil.export.gguf writes). GGML_NATIVE=OFF: a portable
 # build (no -march=native), so a venv built on one machine runs on another of the same family.
+# LLAVA_BUILD=OFF: without the multimodal library (mtmd), which text models never load and which is
+# about a tenth of the build.
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 setup_llama() {
     local venv="$ROOT/.venv-llama"
@@ -32,7 +34,7 @@ setup_llama() {
     "$PYTHON" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q numpy
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
         "$venv/bin/python" -m pip install -q --no-cache-dir "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
     "$venv/bin/python" -c "import llama_cpp; print('llama.cpp: built llama-cpp-python', llama_cpp.__version__)"
 }

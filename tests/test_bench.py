@@ -132,27 +132,22 @@ def test_serving_tiny():
 
 
 @pytest.mark.integration
-def test_recovery_quality_one_short_run():
+def test_recovery_quality_one_short_run(tmp_path):
     # cqil_style: LoRA on every layer and bypass none, the branch-by-branch path through adapters.
+    # Four of the seven sets (two test sets, two dev sets, the copying probe): what the bench does with
+    # a set is the same for each, and every block costs three forward passes of the real model at one
+    # thread (the pooling over all of them is checked by the tests above and below).
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "bench/recovery_quality.py", "--recipes", "recipes/cqil_style.yaml"]
     cmd += ["--scales", "0.05", "--heldout-sequences", "6", "--other-sequences", "16", "--threads", "1"]
+    cmd += ["--domains", "other_domain", "dev_domain", "chat_dev", "dialogue", "--cache", str(tmp_path)]
     cmd += ["--tasks", "cqil_last_word", "cqil_next_line", "--task-limit", "4"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["recipe"] == "cqil_style" and row["tokens"] == 3 * 512 and row["threads"] == 1
-    sets = (
-        "heldout",
-        "other_domain",
-        "dev_domain",
-        "discussion_dev",
-        "chat_dev",
-        "dialogue",
-        "science_docs",
-        "project_readmes",
-        "copying",
-    )
+    sets = ("heldout", "other_domain", "dev_domain", "chat_dev", "dialogue", "copying")
+    assert set(sets) <= set(row) and not {"discussion_dev", "science_docs", "project_readmes"} & set(row)
     for text in sets:
         r = row[text]
         assert r["original"] < r["rewritten"] and r["recovered"] != r["rewritten"]
@@ -167,14 +162,13 @@ def test_recovery_quality_one_short_run():
     assert docs["tokens"] == 16 * 128 and docs["documents"] == 2
     assert list(docs["gap_closed_by_document"]) == ["accelerate 1.15.0", "datasets 5.2.0"]
     assert all(-1 < g < 1 for g in docs["gap_closed_by_document"].values())
-    for frozen in ("dialogue", "science_docs", "project_readmes"):
-        assert row[frozen]["tokens"] == 16 * 128 and len(row[frozen]["gap_closed_by_document"]) >= 2
+    assert row["dialogue"]["tokens"] == 16 * 128 and len(row["dialogue"]["gap_closed_by_document"]) >= 2
     pooled = row["out_of_domain"]
-    assert pooled["sets"] == ["other_domain", "dialogue", "science_docs", "project_readmes"]
+    assert pooled["sets"] == ["other_domain", "dialogue"]
     assert pooled["gap_closed_by_set"] == {k: row[k]["gap_closed"] for k in pooled["sets"]}
     assert pooled["gap_closed_min"] == min(pooled["gap_closed_by_set"].values())
     dev = row["dev"]
-    assert dev["sets"] == ["dev_domain", "discussion_dev", "chat_dev"]
+    assert dev["sets"] == ["dev_domain", "chat_dev"]
     assert dev["gap_closed_by_set"] == {k: row[k]["gap_closed"] for k in dev["sets"]}
     assert set(row["heldout"]["gap_closed_by_source"]) == {  # the recipe's data.mixture
         "RedPajamaWikipedia",
@@ -195,6 +189,9 @@ def test_recovery_quality_one_short_run():
         if acc["original"] > task["chance"]:
             expected = (acc["recovered"] - task["chance"]) / (acc["original"] - task["chance"])
             assert task["acc_kept"]["recovered"] == pytest.approx(expected, abs=1e-4)
+    # --cache: nothing to reuse on the first run; both untrained models' measurements kept for the next.
+    assert row["reused"] == []
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json")) == ["original", "rewritten"]
 
 
 def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_override(monkeypatch):
