@@ -23,12 +23,12 @@ environment whose packages are listed)::
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import re
 import sys
 from importlib import metadata
 from pathlib import Path
+
+from build_sample import write_jsonl_gz
 
 # Permissively licensed, prose-heavy descriptions of packages cqil installs anyway.
 PACKAGES = (
@@ -77,16 +77,9 @@ def python_docs() -> list[dict]:
 
 
 def write(out: Path, records: list[dict]) -> None:
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with (
-        open(tmp, "wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0, filename="") as f,
-    ):
-        f.write(("\n".join(lines) + "\n").encode("utf-8"))
-    tmp.replace(out)
-    print(f"wrote {out} ({len(lines)} documents, {sum(len(r['text']) for r in records):,} characters)")
+    write_jsonl_gz(out, records)
+    print(f"wrote {out} ({len(records)} documents, {sum(len(r['text']) for r in records):,} characters)")
 
 
 def main(argv=None) -> int:
