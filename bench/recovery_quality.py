@@ -269,7 +269,13 @@ def reuse(cache: Path | None, key: dict, measure, reused: list[str]):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     path = cache / f"{key['measured']}-{digest[:20]}.json"
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            stored["key"], stored["measures"]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise SystemExit(
+                f"--cache: {path} is not a measurement this script wrote ({e}); delete it"
+            ) from e
         if stored["key"] == key:
             print(
                 f"recovery_quality: the {key['measured']} model's measurements from {path}", file=sys.stderr
@@ -480,6 +486,7 @@ def main(argv=None) -> int:
         return 0
 
     from cqil.errors import CqilError
+    from cqil.pretrained import EMBEDDED_MODELS
     from cqil.recovery.recipe import load_recipe
 
     reference = load_recipe(ROOT / RECIPES[0])
@@ -496,8 +503,14 @@ def main(argv=None) -> int:
                 2,
                 f"error: {path}: train.seq_len {recipe.train.seq_len}, the default's {reference.train.seq_len}\n",
             )
+        if args.cache is not None and not (
+            recipe.model.name_or_path in EMBEDDED_MODELS or Path(recipe.model.name_or_path).is_dir()
+        ):
+            parser.exit(2, f"error: {path}: --cache needs a local model; model.name_or_path is a Hub id\n")
         if reference_tokens * min(args.scales) < tokens_per_step(recipe):
             parser.exit(2, f"error: {path}: one step is more tokens than the smallest scale trains\n")
+    if args.cache is not None and args.cache.exists() and not args.cache.is_dir():
+        parser.exit(2, f"error: --cache: {args.cache} exists and is not a folder\n")
     if args.tasks:  # an unknown name is refused before any model loads
         from cqil.evaluation.metrics import check_tasks, task_manager
 

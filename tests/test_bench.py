@@ -418,3 +418,21 @@ def test_recovery_quality_cache_is_keyed_by_what_the_untrained_measurements_depe
     bench.reuse(cache, rewritten, measure, reused)  # another key: measured, not read
     assert len(calls) == 2 and reused == ["original"] and len(list(cache.glob("*.json"))) == 2
     assert bench.reuse(None, original, measure, reused) == measure() and len(calls) == 4
+
+
+def test_recovery_quality_refuses_a_cache_that_is_a_file_or_a_damaged_entry(monkeypatch, tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("x")
+    cmd = [sys.executable, "bench/recovery_quality.py", "--scales", "1", "--cache", str(not_a_folder)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: --cache: {not_a_folder} exists and is not a folder"]
+
+    bench = bench_script("recovery_quality", monkeypatch)
+    key = {"measured": "original", "sets": {}}
+    cache = tmp_path / "kept"
+    bench.reuse(cache, key, lambda: ({}, {}), [])
+    (entry,) = cache.glob("*.json")
+    entry.write_text('{"key": ')  # cut short
+    with pytest.raises(SystemExit, match=f"--cache: {entry} is not a measurement this script wrote"):
+        bench.reuse(cache, key, lambda: ({}, {}), [])
