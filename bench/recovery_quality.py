@@ -314,12 +314,15 @@ def child(args) -> None:
         student = trainer.model.student
         # The rewritten model before any step, out of domain (the held-out split's is in results).
         reused: list[str] = []
-        before, tasks_before = reuse(
-            args.cache,
-            measurement_key(args, recipe, rewritten=True),
-            lambda: (domain_perplexity(student, texts), run_tasks(student, trainer.tokenizer, args)),
-            reused,
-        )
+
+        def measure():
+            return domain_perplexity(student, texts), run_tasks(student, trainer.tokenizer, args)
+
+        if args.cache is None:  # no key to compute: it hashes the model's weights and the code
+            before, tasks_before = measure()
+        else:
+            key = measurement_key(args, recipe, rewritten=True)
+            before, tasks_before = reuse(args.cache, key, measure, reused)
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
@@ -379,6 +382,8 @@ def original_measures(args, reused: list[str]) -> tuple[dict, dict]:
             model, tokenizer, args
         )
 
+    if args.cache is None:  # no key to compute: it hashes the model's weights and the code
+        return measure()
     return reuse(args.cache, measurement_key(args, recipe, rewritten=False), measure, reused)
 
 
