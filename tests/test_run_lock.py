@@ -284,6 +284,28 @@ def test_claim_checked_checks_then_claims(tmp_path):
     assert not (out / LOCK_NAME).exists()  # released when the second check refuses
 
 
+def test_a_run_that_claims_during_the_checks_is_reported_not_its_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    racing = []
+
+    def check_while_another_run_starts():  # it claims and begins its marker while these checks read
+        racing.append(claim(out, heartbeat_s=5))
+        (out / ".cqil_run.json.tmp").write_text("{")
+        raise OutputDirError(f"output_dir {out} is not empty and is not a cqil run")
+
+    with pytest.raises(ClaimRefused, match=rf"is in use by another run: pid {os.getpid()} "):
+        run_lock.claim_checked(out, OneProcess(), check_while_another_run_starts)
+    racing[0].release()
+
+    def foreign_folder():
+        raise OutputDirError(f"output_dir {out} is not empty and is not a cqil run")
+
+    with pytest.raises(OutputDirError, match="is not a cqil run") as refused:  # no holder: its own error
+        run_lock.claim_checked(out, OneProcess(), foreign_folder)
+    assert type(refused.value) is OutputDirError and not (out / LOCK_NAME).exists()
+
+
 def test_heartbeat_setting(monkeypatch):
     monkeypatch.setenv(run_lock.HEARTBEAT_ENV, "0.5")
     assert run_lock.heartbeat_interval() == 0.5

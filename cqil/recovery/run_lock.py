@@ -527,7 +527,8 @@ def claim_checked(
     """Check a run's input and claim ``output_dir`` for it, on every rank of ``accelerator``.
 
     In order: the main process refuses a folder held by a live run (reading only); every rank runs
-    ``check`` (bad input, one error, nothing written); the main process claims the folder; the other
+    ``check`` (bad input, one error, nothing written; a run that claimed the folder meanwhile is
+    reported instead, as its writes may be what ``check`` refused); the main process claims the folder; the other
     ranks receive its verdict and refuse with the same message when it refuses. If the folder changed
     between ``check`` and the claim (a holder that just stopped), ``check`` runs again under the claim.
     Returns the claim (on the main process; None on the others) and what the last ``check`` returned.
@@ -536,7 +537,13 @@ def claim_checked(
     verdict, _ = _verdict_of(lambda: refuse_if_claimed(out)) if main else (None, None)
     _raise_verdict(_share(accelerator, verdict))
     before = folder_state(out) if main else None
-    checked = check()
+    try:
+        checked = check()
+    except CqilError:
+        # A run that claimed the folder while this one checked it may already have written there (the
+        # temporary file of its marker): then the folder is busy, not foreign, and the holder is the news.
+        refuse_if_claimed(out)
+        raise
     held = bug = None
     if main:
         verdict, result = _verdict_of(lambda: claim(out, log=log))
