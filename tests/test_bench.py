@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -339,6 +341,45 @@ def test_recovery_quality_label_names_one_recipe_and_qualifies_several(monkeypat
     assert bench.label("lp_style", None, several=True) == "lp_style"
     assert bench.label("lp_style", "lr 3e-4", several=False) == "lr 3e-4"
     assert bench.label("lp_style", "lr 3e-4", several=True) == "lp_style lr 3e-4"
+
+
+ORPHAN = """
+import os, subprocess, sys, time
+if sys.argv[1] == "parent":
+    child = subprocess.Popen([sys.executable, __file__, "child", str(os.getpid())], stdout=subprocess.PIPE)
+    print(child.pid, child.stdout.readline().decode().strip(), flush=True)
+    time.sleep(120)
+else:
+    sys.path.insert(0, os.environ["BENCH_DIR"])
+    import recovery_quality
+    recovery_quality.end_with_parent(int(sys.argv[2]))
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_recovery_quality_run_ends_with_the_bench_that_started_it(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    env = dict(os.environ, BENCH_DIR=str(REPO / "bench"), PYTHONPATH=str(REPO))
+    parent = subprocess.Popen([sys.executable, str(script), "parent"], stdout=subprocess.PIPE, env=env)
+    child_pid, ready = parent.stdout.readline().decode().split()
+    assert ready == "ready"
+    parent.kill()  # as a test's timeout kills the bench: no handler runs in it
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(int(child_pid), signal.SIGKILL)
+        pytest.fail("the training run outlived the bench that started it")
 
 
 def test_recovery_quality_refuses_an_unknown_task_before_any_model_loads():
