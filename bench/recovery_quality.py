@@ -262,10 +262,13 @@ def measurement_key(args, recipe, *, rewritten: bool) -> dict:
     return key
 
 
-def reuse(cache: Path | None, key: dict, measure, reused: list[str]):
-    """``measure()``, or what it returned for the same ``key`` before, read from ``cache``."""
+def reuse(cache: Path | None, key_of, measure, reused: list[str]):
+    """``measure()``, or what it returned for the same key before, read from ``cache``.
+
+    ``key_of()`` is called only with a cache: it hashes the model's weights and the code."""
     if cache is None:
         return measure()
+    key = key_of()
     from cqil.files import write_atomic
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -338,11 +341,9 @@ def child(args) -> None:
         def measure():
             return domain_perplexity(student, texts), run_tasks(student, trainer.tokenizer, args)
 
-        if args.cache is None:  # no key to compute: it hashes the model's weights and the code
-            before, tasks_before = measure()
-        else:
-            key = measurement_key(args, recipe, rewritten=True)
-            before, tasks_before = reuse(args.cache, key, measure, reused)
+        before, tasks_before = reuse(
+            args.cache, lambda: measurement_key(args, recipe, rewritten=True), measure, reused
+        )
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
@@ -402,9 +403,7 @@ def original_measures(args, reused: list[str]) -> tuple[dict, dict]:
             model, tokenizer, args
         )
 
-    if args.cache is None:  # no key to compute: it hashes the model's weights and the code
-        return measure()
-    return reuse(args.cache, measurement_key(args, recipe, rewritten=False), measure, reused)
+    return reuse(args.cache, lambda: measurement_key(args, recipe, rewritten=False), measure, reused)
 
 
 def task_rows(originals: dict, before: dict, after: dict) -> dict:

@@ -452,13 +452,13 @@ def test_recovery_quality_cache_is_keyed_by_what_the_untrained_measurements_depe
         calls.append(1)
         return {"other_domain": {"ppl": 12.5}}, {"cqil_last_word": {"acc": 0.25}}
 
-    first = bench.reuse(cache, original, measure, reused)
-    again = bench.reuse(cache, original, measure, reused)
+    first = bench.reuse(cache, lambda: original, measure, reused)
+    again = bench.reuse(cache, lambda: original, measure, reused)
     assert first == again == [{"other_domain": {"ppl": 12.5}}, {"cqil_last_word": {"acc": 0.25}}]
     assert len(calls) == 1 and reused == ["original"]
-    bench.reuse(cache, rewritten, measure, reused)  # another key: measured, not read
+    bench.reuse(cache, lambda: rewritten, measure, reused)  # another key: measured, not read
     assert len(calls) == 2 and reused == ["original"] and len(list(cache.glob("*.json"))) == 2
-    assert bench.reuse(None, original, measure, reused) == measure() and len(calls) == 4
+    assert bench.reuse(None, lambda: original, measure, reused) == measure() and len(calls) == 4
 
 
 def test_recovery_quality_refuses_a_cache_that_is_a_file_or_a_damaged_entry(monkeypatch, tmp_path):
@@ -472,8 +472,8 @@ def test_recovery_quality_refuses_a_cache_that_is_a_file_or_a_damaged_entry(monk
     bench = bench_script("recovery_quality", monkeypatch)
     key = {"measured": "original", "sets": {}}
     cache = tmp_path / "kept"
-    bench.reuse(cache, key, lambda: ({}, {}), [])
+    bench.reuse(cache, lambda: key, lambda: ({}, {}), [])
     (entry,) = cache.glob("*.json")
     entry.write_text('{"key": ')  # cut short
     with pytest.raises(SystemExit, match=f"--cache: {entry} is not a measurement this script wrote"):
-        bench.reuse(cache, key, lambda: ({}, {}), [])
+        bench.reuse(cache, lambda: key, lambda: ({}, {}), [])
