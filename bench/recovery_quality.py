@@ -40,8 +40,15 @@ rewrite costs less (``cqil_style``'s bypass ``none``) starts from a smaller gap,
 perplexity itself is printed beside the fraction. Runs one after another; the whole default grid
 takes about an hour on 2 cores. ``--out`` appends the JSON lines to a file as they come.
 
+One run is one draw: ``train.seed`` orders the text and draws the mixture, and at the default's
+length two seeds of the same recipe differ by several points of the gap closed on one set (a
+difference between two recipes smaller than that says nothing). ``--seeds 0 1 2`` trains each recipe
+and scale once per seed (each row names its ``seed``) and then prints a summary line per recipe and
+scale: each set's gap closed over the seeds, its mean and sample standard deviation.
+
     python bench/recovery_quality.py                          # the whole grid
     python bench/recovery_quality.py --scales 1 --recipes recipes/smollm2_135m.yaml
+    python bench/recovery_quality.py --scales 1 --recipes recipes/smollm2_135m.yaml --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -436,11 +444,108 @@ def task_rows(originals: dict, before: dict, after: dict) -> dict:
     return rows
 
 
+def spread(values: list[float]) -> dict:
+    """The values over seeds, their mean and sample standard deviation (``None`` for one value)."""
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+        "values": values,
+    }
+
+
+def seed_summary(rows: list[dict]) -> dict:
+    """One recipe and scale over its seeds: each set's gap closed (and each pooled figure's), their
+    mean and spread; the lowest set's share, per seed and as the lowest of the sets' means (a rule that
+    chooses on the lowest set reads the latter); each task's accuracy kept by the recovered model."""
+    first = rows[0]
+    summary = {
+        "recipe": first["recipe"],
+        **({"overrides": first["overrides"]} if "overrides" in first else {}),
+        "scale": first["scale"],
+        "seeds": [r["seed"] for r in rows],
+        "train_s": round(statistics.fmean(r["train_s"] for r in rows), 1),
+    }
+    sets = [k for k in ("heldout", *DOMAINS, COPYING) if k in first]
+    summary["gap_closed"] = {k: spread([r[k]["gap_closed"] for r in rows]) for k in sets}
+    for pooled in ("dev", "out_of_domain"):
+        if pooled not in first:
+            continue
+        means = {
+            k: statistics.fmean(r[pooled]["gap_closed_by_set"][k] for r in rows)
+            for k in first[pooled]["sets"]
+        }
+        summary[pooled] = {
+            "sets": first[pooled]["sets"],
+            "gap_closed": spread([r[pooled]["gap_closed"] for r in rows]),
+            "gap_closed_min": spread([r[pooled]["gap_closed_min"] for r in rows]),
+            "lowest_mean": {"set": min(means, key=means.get), "gap_closed": round(min(means.values()), 4)},
+        }
+    if "tasks" in first:
+        summary["acc_kept"] = {
+            task: spread([r["tasks"][task][metric]["recovered"] for r in rows])
+            for task, row in first["tasks"].items()
+            for metric in ("acc_kept", "acc_norm_kept")
+            if metric in row
+        }
+    return summary
+
+
 def label(stem: str, given: str | None, *, several: bool) -> str:
     """A JSON line's recipe name: ``--label`` names the only recipe or qualifies each of several."""
     if not given:
         return stem
     return f"{stem} {given}" if several else given
+
+
+def run_child(args, path: str, sets: list[str], at: str) -> dict:
+    """One recovery run of ``path`` with the overrides ``sets``, in a child process; its RESULT line."""
+    with tempfile.TemporaryDirectory(prefix="cqil-quality-") as tmp:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--recipe",
+            path,
+            "--output-dir",
+            str(Path(tmp) / "run"),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        cmd += ["--heldout-sequences", str(args.heldout_sequences)]
+        if args.other_sequences is not None:
+            cmd += ["--other-sequences", str(args.other_sequences)]
+        cmd += ["--domains", *args.domains]
+        if args.tasks:
+            cmd += ["--tasks", *args.tasks]
+        if args.task_limit is not None:
+            cmd += ["--task-limit", str(args.task_limit)]
+        if args.cache is not None:
+            cmd += ["--cache", str(args.cache.resolve())]
+        for s in sets:
+            cmd += ["--set", s]
+        # The run's log (its steps, its measurements) goes to this stderr as it happens.
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{path} at {at} failed (exit {proc.returncode}; its log is above)")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def emit(row: dict, out: Path | None) -> None:
+    """Print one JSON line and append it to ``out``."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out is not None:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def seed_number(text: str) -> int:
+    """An argparse type: a train.seed, a non-negative integer."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
+    return n
 
 
 def block_count(text: str) -> int:
@@ -496,6 +601,15 @@ def main(argv=None) -> int:
         help="a recipe override for every run (repeatable; dotted keys, as `cqil recover RECIPE key=value`)",
     )
     parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=seed_number,
+        default=None,
+        metavar="SEED",
+        help="train each recipe and scale once per train.seed and add a summary line over them (mean "
+        "and standard deviation of each set's gap closed); default: the recipes' own seed, one run",
+    )
+    parser.add_argument(
         "--label",
         help="the JSON lines' recipe name (default: the recipe file's stem; with several recipes, "
         "'<stem> <label>')",
@@ -534,6 +648,11 @@ def main(argv=None) -> int:
             parser.exit(2, f"error: {path}: --cache needs a local model; model.name_or_path is a Hub id\n")
         if reference_tokens * min(args.scales) < tokens_per_step(recipe):
             parser.exit(2, f"error: {path}: one step is more tokens than the smallest scale trains\n")
+    if args.seeds is not None:
+        if len(set(args.seeds)) != len(args.seeds):
+            parser.exit(2, f"error: --seeds: a seed given twice: {' '.join(map(str, args.seeds))}\n")
+        if any(s.split("=", 1)[0].strip() == "train.seed" for s in args.set):
+            parser.exit(2, "error: --seeds and --set train.seed=...: give the seeds one way\n")
     if args.cache is not None and args.cache.exists() and not args.cache.is_dir():
         parser.exit(2, f"error: --cache: {args.cache} exists and is not a folder\n")
     if args.tasks:  # an unknown name is refused before any model loads
@@ -547,74 +666,50 @@ def main(argv=None) -> int:
     originals, original_tasks = original_measures(args, reused_originals)
     for path, recipe in recipes.items():
         for scale in args.scales:
-            sets = [*args.set, *scaled_overrides(recipe, scale, reference_tokens)]  # the later wins
-            if args.threads is not None:
-                sets.append(f"train.cpu_threads={args.threads}")
-            with tempfile.TemporaryDirectory(prefix="cqil-quality-") as tmp:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    "--recipe",
-                    path,
-                    "--output-dir",
-                    str(Path(tmp) / "run"),
-                    "--parent-pid",
-                    str(os.getpid()),
-                ]
-                cmd += ["--heldout-sequences", str(args.heldout_sequences)]
-                if args.other_sequences is not None:
-                    cmd += ["--other-sequences", str(args.other_sequences)]
-                cmd += ["--domains", *args.domains]
-                if args.tasks:
-                    cmd += ["--tasks", *args.tasks]
-                if args.task_limit is not None:
-                    cmd += ["--task-limit", str(args.task_limit)]
-                if args.cache is not None:
-                    cmd += ["--cache", str(args.cache.resolve())]
-                for s in sets:
-                    cmd += ["--set", s]
-                # The run's log (its steps, its measurements) goes to this stderr as it happens.
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                raise SystemExit(f"{path} at {scale}x failed (exit {proc.returncode}; its log is above)")
-            r = json.loads(lines[-1][len("RESULT ") :])
-            ppl = r["ppl"]
-            row = {
-                "recipe": label(Path(path).stem, args.label, several=len(recipes) > 1),
-                **({"overrides": args.set} if args.set else {}),
-                "scale": scale,
-                "tokens": r["tokens"],
-                "train_s": r["train_s"],
-                "threads": r["threads"],
-                "heldout": {
-                    "original": round(ppl["original"], 3),
-                    "rewritten": round(ppl["parallelized"], 3),
-                    "recovered": round(ppl["recovered"], 3),
-                    "gap_closed": round(gap(ppl["original"], ppl["parallelized"], ppl["recovered"]), 4),
-                    "gap_closed_by_source": {
-                        k: None if v is None else round(v, 4) for k, v in r["gap_closed_by_source"].items()
+            rows = []
+            for seed in args.seeds or [None]:
+                sets = [*args.set, *scaled_overrides(recipe, scale, reference_tokens)]  # the later wins
+                if seed is not None:
+                    sets.append(f"train.seed={seed}")
+                if args.threads is not None:
+                    sets.append(f"train.cpu_threads={args.threads}")
+                r = run_child(args, path, sets, f"{scale}x" if seed is None else f"{scale}x, seed {seed}")
+                ppl = r["ppl"]
+                row = {
+                    "recipe": label(Path(path).stem, args.label, several=len(recipes) > 1),
+                    **({"overrides": args.set} if args.set else {}),
+                    "scale": scale,
+                    **({"seed": seed} if seed is not None else {}),
+                    "tokens": r["tokens"],
+                    "train_s": r["train_s"],
+                    "threads": r["threads"],
+                    "heldout": {
+                        "original": round(ppl["original"], 3),
+                        "rewritten": round(ppl["parallelized"], 3),
+                        "recovered": round(ppl["recovered"], 3),
+                        "gap_closed": round(gap(ppl["original"], ppl["parallelized"], ppl["recovered"]), 4),
+                        "gap_closed_by_source": {
+                            k: None if v is None else round(v, 4)
+                            for k, v in r["gap_closed_by_source"].items()
+                        },
+                        "tokens": r["heldout_tokens"],
                     },
-                    "tokens": r["heldout_tokens"],
-                },
-                **{k: domain_row(k, originals, r) for k in args.domains},
-                **({COPYING: domain_row(COPYING, originals, r)} if COPYING in r["after"] else {}),
-            }
-            if any(k in TEST_DOMAINS for k in args.domains):
-                row["out_of_domain"] = pooled_row(originals, r)
-            if any(k in DEV_DOMAINS for k in args.domains):
-                row["dev"] = pooled_row(originals, r, DEV_DOMAINS)
-            if args.tasks:
-                row["tasks"] = task_rows(original_tasks, r["tasks_before"], r["tasks_after"])
-            if args.cache is not None:
-                row["reused"] = [*reused_originals, *r["reused"]]
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out is not None:
-                with open(args.out, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
-            assert math.isfinite(ppl["recovered"])
+                    **{k: domain_row(k, originals, r) for k in args.domains},
+                    **({COPYING: domain_row(COPYING, originals, r)} if COPYING in r["after"] else {}),
+                }
+                if any(k in TEST_DOMAINS for k in args.domains):
+                    row["out_of_domain"] = pooled_row(originals, r)
+                if any(k in DEV_DOMAINS for k in args.domains):
+                    row["dev"] = pooled_row(originals, r, DEV_DOMAINS)
+                if args.tasks:
+                    row["tasks"] = task_rows(original_tasks, r["tasks_before"], r["tasks_after"])
+                if args.cache is not None:
+                    row["reused"] = [*reused_originals, *r["reused"]]
+                emit(row, args.out)
+                assert math.isfinite(ppl["recovered"])
+                rows.append(row)
+            if len(rows) > 1:
+                emit({"seed_summary": seed_summary(rows)}, args.out)
     return 0
 
 

@@ -243,6 +243,69 @@ def test_recovery_quality_pools_the_test_sets_by_tokens_and_the_dev_sets_apart(m
     assert row["gap_closed"] != round((0.8 + 0.5) / 2, 4)
 
 
+def test_recovery_quality_summarises_seeds_by_mean_spread_and_the_lowest_sets_mean(monkeypatch):
+    import statistics
+
+    bench = bench_script("recovery_quality", monkeypatch)
+
+    def row(seed, held, python, chat, pooled, kept):
+        by_set = {"dev_domain": python, "chat_dev": chat}
+        return {
+            "recipe": "smollm2_135m",
+            "scale": 1.0,
+            "seed": seed,
+            "train_s": 100.0 + seed,
+            "heldout": {"gap_closed": held},
+            "dev_domain": {"gap_closed": python},
+            "chat_dev": {"gap_closed": chat},
+            "dev": {
+                "sets": ["dev_domain", "chat_dev"],
+                "gap_closed": pooled,
+                "gap_closed_min": min(by_set.values()),
+                "gap_closed_by_set": by_set,
+            },
+            "tasks": {"cqil_last_word": {"acc_kept": {"rewritten": 0.6, "recovered": kept}}},
+        }
+
+    # Each seed's lowest set is a different one; the means' lowest is the Python reference.
+    rows = [
+        row(0, 0.9, 0.83, 0.88, 0.85, 0.79),
+        row(1, 0.95, 0.79, 1.0, 0.86, 0.81),
+        row(2, 0.93, 0.84, 0.78, 0.8, 0.8),
+    ]
+    summary = bench.seed_summary(rows)
+    assert summary["seeds"] == [0, 1, 2] and summary["train_s"] == 101.0
+    assert set(summary["gap_closed"]) == {"heldout", "dev_domain", "chat_dev"}
+    chat = summary["gap_closed"]["chat_dev"]
+    assert chat["values"] == [0.88, 1.0, 0.78]
+    assert chat["mean"] == round(statistics.fmean([0.88, 1.0, 0.78]), 4)
+    assert chat["sd"] == round(statistics.stdev([0.88, 1.0, 0.78]), 4) and chat["sd"] > 0.1
+    dev = summary["dev"]
+    assert dev["gap_closed_min"]["values"] == [0.83, 0.79, 0.78]
+    assert dev["lowest_mean"] == {"set": "dev_domain", "gap_closed": round((0.83 + 0.79 + 0.84) / 3, 4)}
+    assert "out_of_domain" not in summary
+    assert summary["acc_kept"]["cqil_last_word"]["values"] == [0.79, 0.81, 0.8]
+    # One seed has no spread.
+    assert bench.spread([0.5]) == {"mean": 0.5, "sd": None, "values": [0.5]}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "0", "0"], "error: --seeds: a seed given twice: 0 0"),
+        (
+            ["--seeds", "1", "--set", "train.seed=3"],
+            "error: --seeds and --set train.seed=...: give the seeds one way",
+        ),
+    ],
+)
+def test_recovery_quality_refuses_seeds_given_twice(extra, message):
+    cmd = [sys.executable, "bench/recovery_quality.py", "--scales", "1", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == message
+
+
 def test_recovery_quality_refuses_an_unknown_set():
     cmd = [sys.executable, "bench/recovery_quality.py", "--domains", "news"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
