@@ -540,3 +540,53 @@ def test_recovery_quality_refuses_a_cache_that_is_a_file_or_a_damaged_entry(monk
     entry.write_text('{"key": ')  # cut short
     with pytest.raises(SystemExit, match=f"--cache: {entry} is not a measurement this script wrote"):
         bench.reuse(cache, lambda: key, lambda: ({}, {}), [])
+
+
+def test_teacher_text_continues_openings_of_each_source_by_weight_reproducibly(monkeypatch, tmp_path):
+    import gzip
+
+    from cqil.testing import SENTENCES, SOURCES, make_model, make_tokenizer, write_corpus
+
+    bench = bench_script("teacher_text", monkeypatch)
+    model_dir = tmp_path / "model"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    corpus = write_corpus(tmp_path / "train.jsonl.gz", repeats=4)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{name_or_path: {model_dir}}}\n"
+        f"data: {{train: {corpus}, mixture: {{RedPajamaBook: 0.5, RedPajamaWikipedia: 0.25, "
+        "RedPajamaGithub: 0.25, Teacher: 0.2}}\n"
+        "parallelize: {groups: [[1, 2]]}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+
+    def written(name: str, seed: int) -> list[dict]:
+        out = tmp_path / name
+        argv = [str(out), "--recipe", str(recipe), "--documents", "8", "--prefix-tokens", "4"]
+        assert bench.main([*argv, "--new-tokens", "5", "--batch-size", "3", "--seed", str(seed)]) == 0
+        with gzip.open(out, "rt") as f:
+            return [json.loads(line) for line in f]
+
+    records = written("a.jsonl.gz", 0)
+    # Openings by weight (Teacher itself is not a source of openings): 4 / 2 / 2 of 8.
+    titles = [r["meta"]["title"] for r in records]
+    assert sorted(titles) == sorted(
+        ["continuation of RedPajamaBook"] * 4
+        + ["continuation of RedPajamaWikipedia"] * 2
+        + ["continuation of RedPajamaGithub"] * 2
+    )
+    assert {r["meta"]["redpajama_set_name"] for r in records} == {"Teacher"}
+    openings = {
+        s: {" ".join(t.split()[:4]) for t, src in zip(SENTENCES, SOURCES, strict=True) if src == s}
+        for s in SOURCES
+    }
+    for r in records:
+        words = r["text"].split()
+        assert " ".join(words[:4]) in openings[r["meta"]["title"].split()[-1]]
+        assert len(words) <= 4 + 5  # the opening and five sampled tokens (special ones are not text)
+    assert max(len(r["text"].split()) for r in records) == 4 + 5
+    assert written("b.jsonl.gz", 0) == records  # the seed decides the samples
+    assert written("c.jsonl.gz", 1) != records
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path / "a.jsonl.gz"), "--recipe", str(recipe)])  # never overwritten
