@@ -444,8 +444,11 @@ def task_rows(originals: dict, before: dict, after: dict) -> dict:
     return rows
 
 
-def spread(values: list[float]) -> dict:
-    """The values over seeds, their mean and sample standard deviation (``None`` for one value)."""
+def spread(values: list[float | None]) -> dict:
+    """The values over seeds, their mean and sample standard deviation (``None`` for one value, and
+    both ``None`` where a seed has none: a gap the rewrite did not open, a task at chance)."""
+    if any(v is None for v in values):
+        return {"mean": None, "sd": None, "values": values}
     return {
         "mean": round(statistics.fmean(values), 4),
         "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
@@ -471,14 +474,17 @@ def seed_summary(rows: list[dict]) -> dict:
         if pooled not in first:
             continue
         means = {
-            k: statistics.fmean(r[pooled]["gap_closed_by_set"][k] for r in rows)
+            k: mean
             for k in first[pooled]["sets"]
+            if (mean := spread([r[pooled]["gap_closed_by_set"][k] for r in rows])["mean"]) is not None
         }
         summary[pooled] = {
             "sets": first[pooled]["sets"],
             "gap_closed": spread([r[pooled]["gap_closed"] for r in rows]),
             "gap_closed_min": spread([r[pooled]["gap_closed_min"] for r in rows]),
-            "lowest_mean": {"set": min(means, key=means.get), "gap_closed": round(min(means.values()), 4)},
+            "lowest_mean": (
+                {"set": min(means, key=means.get), "gap_closed": min(means.values())} if means else None
+            ),
         }
     if "tasks" in first:
         summary["acc_kept"] = {

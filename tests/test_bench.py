@@ -285,8 +285,11 @@ def test_recovery_quality_summarises_seeds_by_mean_spread_and_the_lowest_sets_me
     assert dev["lowest_mean"] == {"set": "dev_domain", "gap_closed": round((0.83 + 0.79 + 0.84) / 3, 4)}
     assert "out_of_domain" not in summary
     assert summary["acc_kept"]["cqil_last_word"]["values"] == [0.79, 0.81, 0.8]
-    # One seed has no spread.
+    # One seed has no spread; a seed without a figure (the rewrite opened no gap) leaves no mean.
     assert bench.spread([0.5]) == {"mean": 0.5, "sd": None, "values": [0.5]}
+    assert bench.spread([0.5, None]) == {"mean": None, "sd": None, "values": [0.5, None]}
+    rows[1]["dev"]["gap_closed_by_set"]["dev_domain"] = None
+    assert bench.seed_summary(rows)["dev"]["lowest_mean"]["set"] == "chat_dev"
 
 
 @pytest.mark.parametrize(
