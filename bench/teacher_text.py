@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the .jsonl.gz to write; refused if it exists")
     parser.add_argument("--recipe", default="recipes/smollm2_135m.yaml", help="its model, data and mixture")
-    parser.add_argument("--documents", type=int, default=448)
+    parser.add_argument(
+        "--documents", type=int, default=448, help="openings in all, each source's share rounded"
+    )
     parser.add_argument("--prefix-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=1.0)
