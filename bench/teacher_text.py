@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +31,6 @@ def openings(tokenizer, recipe, documents: int, prefix_tokens: int) -> list[tupl
 
     data = recipe.data
     weights = {s: w for s, w in (data.mixture or {}).items() if s != SOURCE}
-    if not weights:
-        raise SystemExit("error: the recipe has no data.mixture to take openings from")
     total = sum(weights.values())
     wanted = {s: round(w / total * documents) for s, w in weights.items()}
     found = []
@@ -101,14 +97,21 @@ def main(argv=None) -> int:
 
     import torch
 
+    from cqil.errors import CqilError
+    from cqil.files import write_atomic
     from cqil.pretrained import load_model
     from cqil.recovery.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / args.recipe)
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
+    try:  # a bad recipe, model or data file: one line naming it
+        recipe = load_recipe(ROOT / args.recipe)
+        if not set(recipe.data.mixture or {}) - {SOURCE}:
+            parser.exit(2, f"error: {args.recipe}: data.mixture names no source to take openings from\n")
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
+        found = openings(tokenizer, recipe, args.documents, args.prefix_tokens)
+    except CqilError as e:
+        parser.exit(2, f"error: {e}\n")
     model.eval()
-    found = openings(tokenizer, recipe, args.documents, args.prefix_tokens)
     records = continuations(
         model,
         tokenizer,
@@ -117,16 +120,10 @@ def main(argv=None) -> int:
         temperature=args.temperature,
         batch_size=args.batch_size,
     )
+    # Everything is generated before anything is written: a failed run leaves no file.
+    lines = "".join(json.dumps(record) + "\n" for record in records)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            for record in records:
-                f.write((json.dumps(record) + "\n").encode())
-        os.replace(tmp, args.out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(args.out, gzip.compress(lines.encode(), mtime=0))
     print(f"wrote {len(found)} continuations to {args.out}", file=sys.stderr)
     return 0
 

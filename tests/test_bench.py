@@ -593,3 +593,29 @@ def test_teacher_text_continues_openings_of_each_source_by_weight_reproducibly(m
     assert written("c.jsonl.gz", 1) != records
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path / "a.jsonl.gz"), "--recipe", str(recipe)])  # never overwritten
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("{train: MISSING, mixture: {A: 1.0}}", "missing.jsonl.gz"),
+        ("{train: CORPUS}", "data.mixture names no source to take openings from"),
+    ],
+)
+def test_teacher_text_refuses_a_recipe_it_cannot_read_in_one_line_and_writes_nothing(tmp_path, data, message):
+    from cqil.testing import write_corpus
+
+    corpus = write_corpus(tmp_path / "train.jsonl.gz", repeats=1)
+    data = data.replace("MISSING", str(tmp_path / "missing.jsonl.gz")).replace("CORPUS", str(corpus))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{name_or_path: smollm2-135m}}\ndata: {data}\nparallelize: {{groups: [[1, 2]]}}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    out = tmp_path / "teacher.jsonl.gz"
+    cmd = [sys.executable, "bench/teacher_text.py", str(out), "--recipe", str(recipe)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "train.jsonl.gz"]
