@@ -473,10 +473,9 @@ def seed_summary(rows: list[dict]) -> dict:
     for pooled in ("dev", "out_of_domain"):
         if pooled not in first:
             continue
+        # A pooled figure's sets are rows of their own: their means are above.
         means = {
-            k: mean
-            for k in first[pooled]["sets"]
-            if (mean := spread([r[pooled]["gap_closed_by_set"][k] for r in rows])["mean"]) is not None
+            k: mean for k in first[pooled]["sets"] if (mean := summary["gap_closed"][k]["mean"]) is not None
         }
         summary[pooled] = {
             "sets": first[pooled]["sets"],

@@ -288,7 +288,7 @@ def test_recovery_quality_summarises_seeds_by_mean_spread_and_the_lowest_sets_me
     # One seed has no spread; a seed without a figure (the rewrite opened no gap) leaves no mean.
     assert bench.spread([0.5]) == {"mean": 0.5, "sd": None, "values": [0.5]}
     assert bench.spread([0.5, None]) == {"mean": None, "sd": None, "values": [0.5, None]}
-    rows[1]["dev"]["gap_closed_by_set"]["dev_domain"] = None
+    rows[1]["dev"]["gap_closed_by_set"]["dev_domain"] = rows[1]["dev_domain"]["gap_closed"] = None
     assert bench.seed_summary(rows)["dev"]["lowest_mean"]["set"] == "chat_dev"
 
 
