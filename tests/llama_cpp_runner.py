@@ -57,6 +57,8 @@ def run(case: dict) -> dict:
 
 
 def main() -> None:
+    # On stderr, which pytest shows beside a failure: the instruction sets this build compiled in.
+    print("llama.cpp", llama_cpp.__version__, llama_cpp.llama_print_system_info().decode(), file=sys.stderr)
     with open(sys.argv[1], encoding="utf-8") as f:
         job = json.load(f)
     out = {}
