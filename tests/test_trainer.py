@@ -229,6 +229,47 @@ def test_run_trains_only_the_groups_and_recovers(tiny_model_dir, tmp_path):
     assert headline(report) in card and (tmp_path / "run" / "model" / "plots" / "losses.png").is_file()
 
 
+def test_layers_after_groups_train_whole_while_the_teacher_keeps_the_originals(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir / "model").eval()
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", max_steps=3, layers_after_groups=1)
+    trainer = RecoveryTrainer(recipe)
+    ids = torch.randint(0, original.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    try:
+        trainer.setup()
+        student = trainer.model.student
+        # Groups [2, 3] and [4, 5] of 8 layers: original layer 6 is the student's effective layer 4.
+        after = {f"student.model.layers.4.{n}" for n, _ in student.model.layers[4].named_parameters()}
+        groups = {f"student.{n}" for n in trainable_parameters(student)}
+        assert set(trainer.trainable) == groups | after and not groups & after
+        layer_before = copy.deepcopy(student.model.layers[4].state_dict())
+        trainer.train()
+        changed = [
+            k for k, v in student.model.layers[4].state_dict().items() if not torch.equal(v, layer_before[k])
+        ]
+        assert changed, "the layer after the groups did not train"
+        with torch.no_grad():  # the teacher runs its own frozen copy of layer 6, not the trained one
+            torch.testing.assert_close(
+                trainer.model.original_logits(ids), original(ids).logits, rtol=0, atol=1e-5
+            )
+        trainer.finish()
+    finally:
+        trainer.cleanup()
+    exported = load_export(tmp_path / "run" / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_after_groups_beyond_the_model_or_with_lora_name_the_key(tiny_model_dir, tmp_path):
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", layers_after_groups=3)
+    with pytest.raises(RecipeError, match=r"train\.layers_after_groups: 3 layers after the last group"):
+        run(recipe)
+    with pytest.raises(RecipeError, match=r"train\.layers_after_groups: .*not defined with train\.lora"):
+        tiny_recipe(tiny_model_dir, tmp_path / "run", layers_after_groups=1, lora={"r": 4})
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unknown_lm_eval_task_fails_before_training(tiny_model_dir, tmp_path):
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", eval={"tasks": ["tiny_choice", "hellaswagg"]})
     with pytest.raises(RecipeError, match=r"eval\.tasks: unknown lm-eval task 'tiny_choice'"):

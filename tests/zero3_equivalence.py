@@ -38,7 +38,7 @@ def main(folder: str, groups: str) -> None:
     report["share"] = max(p.ds_tensor.numel() / p.ds_numel for p in large)
     report["whole_on_rank"] = sum(p.data.numel() for p in partitioned.parameters())
 
-    teacher = sharded.teacher_copies(partitioned, plan, config)
+    teacher = sharded.teacher_copies(partitioned, [i for g in plan.groups for i in g], config)
     sharded.parallelize_partitioned(partitioned, plan, config, **OPTIONS)
     copy = sharded.main_process_copy(partitioned, main=rank == 0)
     teacher_states = {}

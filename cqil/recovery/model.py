@@ -262,7 +262,10 @@ class RecoveryModel(nn.Module):
                 if until_last_group and e > self.last_group:
                     return None, states, inputs
                 if not self.is_group[e]:
-                    h = self._run(layers[e], h, masks[self._student_type(e)], ctx)
+                    # A plain layer the run trains (train.layers_after_groups) has a frozen copy here.
+                    (i,) = self.effective[e]
+                    layer = self.teacher_layers[str(i)] if str(i) in self.teacher_layers else layers[e]
+                    h = self._run(layer, h, masks[self._student_type(e)], ctx)
                     continue
                 inputs.append(h)
                 for i in self.effective[e]:
@@ -291,6 +294,11 @@ def group_positions(plan: GroupPlan) -> list[int]:
     return [e for e, idx in enumerate(plan.effective_layers()) if idx in grouped]
 
 
+def effective_position(plan: GroupPlan, index: int) -> int:
+    """The effective-layer index that runs original layer ``index``."""
+    return next(e for e, idx in enumerate(plan.effective_layers()) if index in idx)
+
+
 def layer_parameters(model: nn.Module, positions) -> dict[str, nn.Parameter]:
     """Every parameter of the decoder layers at effective indices ``positions``, by name."""
     out: dict[str, nn.Parameter] = {}
@@ -301,7 +309,8 @@ def layer_parameters(model: nn.Module, positions) -> dict[str, nn.Parameter]:
 
 
 def select_trainable(model: nn.Module, plan: GroupPlan, recipe) -> dict[str, nn.Parameter]:
-    """requires_grad on the groups' parameters (or their LoRA adapters) and nothing else.
+    """requires_grad on the groups' parameters (or their LoRA adapters), the layers that
+    ``train.layers_after_groups`` names, and nothing else.
 
     Parallel mode: the parallel groups and their learned gates. Coalesce mode: the coalesced
     layers at the groups' positions (a coalesced layer has no gates)."""
@@ -316,6 +325,8 @@ def select_trainable(model: nn.Module, plan: GroupPlan, recipe) -> dict[str, nn.
         apply_lora(model, train.lora, target=train.lora.target, layers=positions)
         gates = set() if coalesced else {n for n in trainable_parameters(model) if n.endswith(".gates")}
         chosen = {n: p for n, p in model.named_parameters() if "lora_" in n or n in gates}
+    after = plan.layers_after(train.layers_after_groups)
+    chosen |= layer_parameters(model, [effective_position(plan, i) for i in after])
     for p in chosen.values():
         p.requires_grad_(True)
     return {f"student.{n}": p for n, p in chosen.items()}

@@ -85,6 +85,10 @@ def check_model(recipe: Recipe, source: str, config) -> None:
             ) from None
         if not plan.groups or plan.is_identity():
             raise RecipeError(source, "parallelize.groups", "the plan has no group of two or more layers")
+        try:
+            plan.layers_after(recipe.train.layers_after_groups)
+        except ValueError as e:
+            raise RecipeError(source, "train.layers_after_groups", str(e)) from None
     positions = getattr(config, "max_position_embeddings", None)
     if positions and recipe.train.seq_len > positions:
         raise RecipeError(

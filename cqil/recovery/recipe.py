@@ -196,6 +196,12 @@ class TrainConfig:
     """The optimisation loop."""
 
     max_steps: int = _f(100, "optimizer steps in the whole run", ge=1)
+    layers_after_groups: int = _f(
+        0,
+        "also train the N original layers right after the last group, whole (the teacher keeps its own "
+        "frozen copies of them); 0 trains the groups alone",
+        ge=0,
+    )
     local_steps: int = _f(
         0,
         "the first N of max_steps train on the local loss alone (each group against its own exact "
@@ -365,6 +371,12 @@ class Recipe:
             key = "train.loss.local" if loss.local else "train.local_steps"
             raise RecipeError(
                 source, key, "the local loss trains the groups alone; it is not defined with lora.target=all"
+            )
+        if self.train.layers_after_groups and self.train.lora is not None:
+            raise RecipeError(
+                source,
+                "train.layers_after_groups",
+                "trains whole layers; it is not defined with train.lora (set one of them)",
             )
         if self.data.mixture is not None:
             for name, w in self.data.mixture.items():

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -127,11 +127,11 @@ def gathered(params: Iterable[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
 
-def teacher_copies(model: nn.Module, plan: GroupPlan, config: dict) -> dict[int, nn.Module]:
-    """A partitioned copy of every original layer inside a group, made one layer at a time."""
+def teacher_copies(model: nn.Module, indices: Sequence[int], config: dict) -> dict[int, nn.Module]:
+    """A partitioned copy of each original layer in ``indices``, made one layer at a time."""
     layers = model.model.layers
     copies = {}
-    for i in (i for group in plan.groups for i in group):
+    for i in indices:
         layer = layers[i]
         with gathered(layer.parameters()):
             state = {k: v.detach().clone() for k, v in layer.state_dict().items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -52,13 +53,16 @@ def transform(
     *,
     keep_teacher: bool,
     partitioned: bool = False,
+    trained_after: Sequence[int] = (),
 ) -> tuple[nn.Module, dict[int, nn.Module] | None]:
     """The student (``model`` parallelized in place, or a coalesced copy) and, with ``keep_teacher``,
-    the teacher's copies of the original layers in the plan's groups, by layer index (else None).
+    the teacher's copies of the original layers in the plan's groups and of the plain layers in
+    ``trained_after`` (which the run trains too), by layer index (else None).
 
     ``partitioned``: ``model`` was loaded partitioned (sharded ZeRO-3); the copies and the surgery
     then gather one layer or group of whole weights at a time (:mod:`cqil.recovery.sharded`)."""
     teacher = None
+    copied = [i for g in plan.groups for i in g] + list(trained_after)
     if par.mode == "coalesce":
         from cqil.rewrite.coalescing import coalesce
 
@@ -66,15 +70,15 @@ def transform(
         if keep_teacher:
             # coalesce copies every weight it keeps and leaves `model` as it was: the original
             # layers themselves are the teacher's copy; the rest of `model` is dropped here.
-            teacher = {i: model.model.layers[i] for g in plan.groups for i in g}
+            teacher = {i: model.model.layers[i] for i in copied}
         return student, teacher
     surgery = parallelize
     if partitioned:  # one layer or group of whole weights at a time
         config = sharded.ds_config()
         surgery = functools.partial(sharded.parallelize_partitioned, config=config)
-        teacher = sharded.teacher_copies(model, plan, config) if keep_teacher else None
+        teacher = sharded.teacher_copies(model, copied, config) if keep_teacher else None
     elif keep_teacher:
-        teacher = {i: copy.deepcopy(model.model.layers[i]) for g in plan.groups for i in g}
+        teacher = {i: copy.deepcopy(model.model.layers[i]) for i in copied}
     surgery(
         model,
         plan,

@@ -221,7 +221,12 @@ class RecoveryTrainer:
         train, par = self.recipe.train, self.recipe.parallelize
         loss = train.loss
         model, teacher = student.transform(
-            model, self.plan, par, keep_teacher=student.needs_teacher(train), partitioned=self.sharded
+            model,
+            self.plan,
+            par,
+            keep_teacher=student.needs_teacher(train),
+            partitioned=self.sharded,
+            trained_after=self.plan.layers_after(train.layers_after_groups),
         )
         self._evaluate_before(model, "parallelized")
 

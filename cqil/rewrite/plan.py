@@ -84,6 +84,19 @@ class GroupPlan:
     def is_identity(self) -> bool:
         return all(len(g) == 1 for g in self.groups)
 
+    def layers_after(self, n: int) -> list[int]:
+        """The original indices of the ``n`` layers right after the last group (ungrouped: each is
+        an effective layer of its own)."""
+        if n <= 0:
+            return []
+        start = max(i for g in self.groups for i in g) + 1
+        if start + n > self.num_layers:
+            raise PlanError(
+                f"{n} layers after the last group: the plan {self} leaves {self.num_layers - start} of "
+                f"the model's {self.num_layers} after it"
+            )
+        return list(range(start, start + n))
+
     def __str__(self) -> str:
         return str([list(g) for g in self.groups])
 
