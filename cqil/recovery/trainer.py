@@ -1,22 +1,21 @@
-"""The recovery trainer: train only the merged layers and gates of a parallelized model.
-
-One run, top to bottom (:func:`run`): load the model, keep a frozen copy of the original layers of
-the grouped region (the teacher's only weights of its own, :mod:`cqil.recovery.model`), measure
-held-out perplexity of the original, parallelize, measure again, train under accelerate (DDP or
-DeepSpeed ZeRO), checkpoint and resume exactly (:mod:`cqil.recovery.checkpoint`), measure the
-recovered model, and hand it to the export step (:mod:`cqil.recovery.finish`).
+"""The recovery trainer: train the merged layers and gates of a parallelized model (and, with
+``train.layers_after_groups``, the layers right after them). One run, top to bottom (:func:`run`):
+load the model, keep a frozen copy of the original layers the run changes (the teacher's only weights
+of its own, :mod:`cqil.recovery.model`), measure held-out perplexity of the original, parallelize,
+measure again, train under accelerate (DDP or DeepSpeed ZeRO), checkpoint and resume exactly
+(:mod:`cqil.recovery.checkpoint`), measure the recovered model, and hand it to the export step
+(:mod:`cqil.recovery.finish`).
 :meth:`RecoveryTrainer.setup` is a sequence of named steps, each a method of its own. The trainer
 composes the run's parts (preflight, measure, auto_plan, sharded, optim, checkpoint, finish): each
 takes what it uses (the model, the accelerator, paths, a recipe section, a log) and returns what it
 produced; none imports this module.
 
-``parallelize.mode: coalesce`` swaps the transform and nothing else: the student is
-:func:`cqil.coalesce` of the original (one standard layer of averaged weights per group, a shallower
-model of the original architecture), its trainable parameters are exactly the coalesced layers at the
-groups' positions, and the teacher, losses, data, evaluation and checkpoints are those of a parallel
-run on the same plan, so the two runs compare like for like. The untrained coalesced model's
-perplexity is stored under the key ``"parallelized"`` (the "before training" slot of every report;
-``eval.json`` says ``"mode": "coalesce"``), and the export is a plain Hugging Face folder.
+``parallelize.mode: coalesce`` swaps the transform and nothing else: the student is :func:`cqil.coalesce`
+of the original (a shallower model of the original architecture), its trainable parameters are the
+coalesced layers at the groups' positions, and the teacher, losses, data, evaluation and checkpoints
+are those of a parallel run on the same plan, so the two runs compare like for like. The untrained
+coalesced model's perplexity is stored under the key ``"parallelized"`` (the "before training" slot of
+every report; ``eval.json`` says ``"mode": "coalesce"``); the export is a plain Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -220,13 +219,9 @@ class RecoveryTrainer:
         transform), the transformed student, what trains, and the :class:`RecoveryModel` of both."""
         train, par = self.recipe.train, self.recipe.parallelize
         loss = train.loss
+        keep, after = student.needs_teacher(train), self.plan.layers_after(train.layers_after_groups)
         model, teacher = student.transform(
-            model,
-            self.plan,
-            par,
-            keep_teacher=student.needs_teacher(train),
-            partitioned=self.sharded,
-            trained_after=self.plan.layers_after(train.layers_after_groups),
+            model, self.plan, par, keep_teacher=keep, partitioned=self.sharded, trained_after=after
         )
         self._evaluate_before(model, "parallelized")
 
