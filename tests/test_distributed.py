@@ -62,7 +62,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(setup: Path, kind: str, out: Path) -> tuple[list[str], dict]:
+def command(setup: Path, kind: str, out: Path, *overrides: str) -> tuple[list[str], dict]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if kind == "ddp":
         env["ACCELERATE_USE_CPU"] = "1"  # with multi-GPU mode: N CPU processes (--cpu starts one)
@@ -71,13 +71,13 @@ def command(setup: Path, kind: str, out: Path) -> tuple[list[str], dict]:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(CONFIGS[kind]), "--num_processes", "2", "--main_process_port", str(free_port()),
-        str(ROOT / "train/recover.py"), str(setup / "recipe.yaml"), f"output_dir={out}",
+        str(ROOT / "train/recover.py"), str(setup / "recipe.yaml"), f"output_dir={out}", *overrides,
     ]  # fmt: skip
     return cmd, env
 
 
-def launch(setup: Path, kind: str, out: Path) -> subprocess.CompletedProcess:
-    cmd, env = command(setup, kind, out)
+def launch(setup: Path, kind: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd, env = command(setup, kind, out, *overrides)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -148,14 +148,16 @@ def test_sigkill_and_resume_is_bit_identical(setup, kind, tmp_path):
 
 
 def test_zero3_trains_and_keeps_frozen_weights(setup, tmp_path):
+    # With the layer after the last group trained too: the teacher's partitioned copies hold it.
+    after = "train.layers_after_groups=1"
     out = tmp_path / "z3"
-    stderr = launch(setup, "zero3", out).stderr
+    stderr = launch(setup, "zero3", out, after).stderr
     result = check_run(out, stderr)
     assert "loading the model partitioned over 2 ranks" in stderr
     # launch/deepspeed/zero3.json's "auto" buffers, sized from the tiny model's hidden size 48.
     assert "reduce_bucket_size=2,304" in stderr and "stage3_param_persistence_threshold=480" in stderr
     ddp_out = tmp_path / "ddp"
-    reference = check_run(ddp_out, launch(setup, "ddp", ddp_out).stderr)
+    reference = check_run(ddp_out, launch(setup, "ddp", ddp_out, after).stderr)
     # The trainer itself raises if the frozen weights changed; they must also equal DDP's.
     assert result["frozen_digest"] == reference["frozen_digest"]
     # The original and the parallelized model, measured through the engine from partitions, are DDP's.
