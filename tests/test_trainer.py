@@ -517,6 +517,15 @@ def test_auto_groups_budget_error_names_the_budget(tiny_model_dir, tmp_path):
     assert not (tmp_path / "bad" / "plan" / "plans.json").exists()
 
 
+def test_layers_after_a_searched_plan_are_checked_against_it(tiny_model_dir, tmp_path):
+    # 8 layers; a searched pair leaves at most 6 after it: the same error as for a written plan.
+    auto = {"groups": "auto", "search": {"degree": 2, "target_depth": 7, "num_sequences": 2, "pool_size": 3}}
+    with pytest.raises(RecipeError, match="layers after the last group") as caught:
+        run(tiny_recipe(tiny_model_dir, tmp_path / "bad", auto, layers_after_groups=7))
+    assert caught.value.path == "train.layers_after_groups"
+    assert not (tmp_path / "bad" / "checkpoints").exists() and not (tmp_path / "bad" / "model").exists()
+
+
 def test_local_steps_train_the_groups_alone_then_the_recipes_loss(tiny_model_dir, tmp_path):
     """The first train.local_steps steps log the local loss alone, the rest the recipe's losses; a run
     interrupted inside the local phase resumes to the same weights."""

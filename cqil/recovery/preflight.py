@@ -83,12 +83,7 @@ def check_model(recipe: Recipe, source: str, config) -> None:
             raise RecipeError(
                 source, "parallelize.groups", f"{e} (the model has {n_layers} layers)"
             ) from None
-        if not plan.groups or plan.is_identity():
-            raise RecipeError(source, "parallelize.groups", "the plan has no group of two or more layers")
-        try:
-            plan.layers_after(recipe.train.layers_after_groups)
-        except ValueError as e:
-            raise RecipeError(source, "train.layers_after_groups", str(e)) from None
+        check_plan(plan, recipe, source)
     positions = getattr(config, "max_position_embeddings", None)
     if positions and recipe.train.seq_len > positions:
         raise RecipeError(
@@ -96,6 +91,17 @@ def check_model(recipe: Recipe, source: str, config) -> None:
             "train.seq_len",
             f"{recipe.train.seq_len} > the model's max_position_embeddings {positions}",
         )
+
+
+def check_plan(plan, recipe: Recipe, source: str) -> None:
+    """What a resolved plan must allow (the recipe's own plan here, a searched one in the trainer):
+    a group of two or more layers, and the layers ``train.layers_after_groups`` names."""
+    if not plan.groups or plan.is_identity():
+        raise RecipeError(source, "parallelize.groups", "the plan has no group of two or more layers")
+    try:
+        plan.layers_after(recipe.train.layers_after_groups)
+    except ValueError as e:
+        raise RecipeError(source, "train.layers_after_groups", str(e)) from None
 
 
 def check_gguf_export(recipe: Recipe, source: str, config) -> None:

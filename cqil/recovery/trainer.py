@@ -174,10 +174,7 @@ class RecoveryTrainer:
             self.plan = GroupPlan.parse(groups, model.config.num_hidden_layers)
         except ValueError as e:
             raise RecipeError(self.source, "parallelize.groups", str(e)) from None
-        if not self.plan.groups or self.plan.is_identity():
-            raise RecipeError(
-                self.source, "parallelize.groups", "the plan has no group of two or more layers"
-            )
+        preflight.check_plan(self.plan, self.recipe, self.source)  # a searched plan is checked only here
 
     def _setup_eval(self) -> None:
         """The held-out sequences, and the lm-eval tasks checked (:func:`cqil.recovery.measure.prepare_eval`)."""
