@@ -294,11 +294,6 @@ def group_positions(plan: GroupPlan) -> list[int]:
     return [e for e, idx in enumerate(plan.effective_layers()) if idx in grouped]
 
 
-def effective_position(plan: GroupPlan, index: int) -> int:
-    """The effective-layer index that runs original layer ``index``."""
-    return next(e for e, idx in enumerate(plan.effective_layers()) if index in idx)
-
-
 def layer_parameters(model: nn.Module, positions) -> dict[str, nn.Parameter]:
     """Every parameter of the decoder layers at effective indices ``positions``, by name."""
     out: dict[str, nn.Parameter] = {}
@@ -325,8 +320,8 @@ def select_trainable(model: nn.Module, plan: GroupPlan, recipe) -> dict[str, nn.
         apply_lora(model, train.lora, target=train.lora.target, layers=positions)
         gates = set() if coalesced else {n for n in trainable_parameters(model) if n.endswith(".gates")}
         chosen = {n: p for n, p in model.named_parameters() if "lora_" in n or n in gates}
-    after = plan.layers_after(train.layers_after_groups)
-    chosen |= layer_parameters(model, [effective_position(plan, i) for i in after])
+    after = set(plan.layers_after(train.layers_after_groups))  # ungrouped: one original layer each
+    chosen |= layer_parameters(model, [e for e, idx in enumerate(plan.effective_layers()) if idx[0] in after])
     for p in chosen.values():
         p.requires_grad_(True)
     return {f"student.{n}": p for n, p in chosen.items()}
