@@ -7,7 +7,7 @@ that many tokens (``train.max_steps`` and every step count of the recipe scaled 
 schedule keeps its shape), and prints one JSON line:
 
 * the held-out perplexity of the original, the rewritten (before training) and the recovered model,
-  on the sample's held-out split (``--heldout-sequences`` blocks of the recipe's ``seq_len``, drawn
+  on the sample's held-out split (``--heldout-sequences`` blocks of the recipe's ``eval.seq_len``, drawn
   equally from the sources the recipe trains on), and the fraction of the gap closed, overall and
   per source;
 * the same on **text from a domain the training data does not contain**, every document of each set
@@ -32,6 +32,9 @@ what text, so a sweep over the training measures them once (about half of a run'
 Each file is keyed by a hash of everything they depend on (the model's files, each set's bytes, the
 rewrite's recipe keys, this script, the cqil package, the local tasks, the releases of torch,
 transformers and lm-eval); a row lists under ``reused`` what it took from ``DIR``.
+
+Every model is measured in blocks of the default's ``eval.seq_len`` (its ``train.seq_len``, 128
+tokens): a recipe that trains on other lengths compares only with ``--set eval.seq_len=128``.
 
 Each run is a child process of its own (a fresh accelerate state), with evaluation extras (lm-eval,
 latency, the report, checkpoints, the recipe's own ``eval.other_domain``, which the sets above
@@ -94,13 +97,13 @@ COPYING = "copying"
 class DomainSet(NamedTuple):
     """A set's token blocks, each block's document title, and the position its scoring starts at."""
 
-    blocks: Any  # torch.LongTensor (rows, seq_len); torch is imported only where a model runs
+    blocks: Any  # torch.LongTensor (rows, eval.seq_len); torch is imported only where a model runs
     titles: list[str]
     score_from: int = 1
 
 
 def domain_blocks(tokenizer, recipe, args) -> dict[str, DomainSet]:
-    """Each domain set: every document packed on its own into ``seq_len``-token blocks (a tail shorter
+    """Each domain set: every document packed on its own into ``eval.seq_len``-token blocks (a tail shorter
     than a block is dropped), the document's title beside each row, in file order;
     ``--other-sequences N`` keeps the first ``N`` blocks. With ``dev_domain``, the copying probe."""
     import torch
@@ -112,7 +115,7 @@ def domain_blocks(tokenizer, recipe, args) -> dict[str, DomainSet]:
         path = DOMAINS[name]
         blocks, titles = [], []
         for text, title in iter_records([path], source_field="meta.title"):
-            rows = pack_tokens(tokenizer, [text], seq_len=recipe.train.seq_len)
+            rows = pack_tokens(tokenizer, [text], seq_len=recipe.eval_seq_len)
             blocks.append(rows)
             titles += [title] * len(rows)
         tokens = torch.cat(blocks)[: args.other_sequences]
@@ -262,11 +265,12 @@ def measurement_key(args, recipe, *, rewritten: bool) -> dict:
     }
     fingerprint = run_fingerprint(recipe, world_size=1)
     if rewritten and recipe.parallelize.search is None:
-        keep = ("model.", "parallelize.", "train.lora", "train.seed", "train.seq_len")
+        keep = ("model.", "parallelize.", "train.lora", "train.seed")
         fingerprint = {k: v for k, v in fingerprint.items() if k.startswith(keep)}
     elif not rewritten:
-        fingerprint = {k: v for k, v in fingerprint.items() if k.startswith(("model.", "train.seq_len"))}
+        fingerprint = {k: v for k, v in fingerprint.items() if k.startswith("model.")}
     key["recipe"] = fingerprint
+    key["block_len"] = recipe.eval_seq_len
     return key
 
 
@@ -641,11 +645,13 @@ def main(argv=None) -> int:
             recipe = recipes[path] = load_recipe(ROOT / path, args.set)
         except CqilError as e:
             parser.exit(2, f"error: {e}\n")
-        # Every model is measured on blocks of the recipe's seq_len: a longer one would read more context.
-        if recipe.train.seq_len != reference.train.seq_len:
+        # Every model is measured on the same blocks: a longer one would read more context. A recipe
+        # that trains on other lengths sets eval.seq_len to the default's.
+        if recipe.eval_seq_len != reference.eval_seq_len:
             parser.exit(
                 2,
-                f"error: {path}: train.seq_len {recipe.train.seq_len}, the default's {reference.train.seq_len}\n",
+                f"error: {path}: measures in blocks of {recipe.eval_seq_len} tokens, the default in "
+                f"{reference.eval_seq_len} (set eval.seq_len={reference.eval_seq_len})\n",
             )
         if args.cache is not None and not (
             recipe.model.name_or_path in EMBEDDED_MODELS or Path(recipe.model.name_or_path).is_dir()

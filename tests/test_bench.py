@@ -209,6 +209,14 @@ def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_over
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["error: <command line>: train.lr=-1: must be > 0; got -1.0"]
+    # Another training length is measured on the default's blocks only when eval.seq_len says so.
+    cmd = [sys.executable, "bench/recovery_quality.py", "--scales", "1", "--set", "train.seq_len=256"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: recipes/smollm2_135m.yaml: measures in blocks of 256 tokens, the default in 128 "
+        "(set eval.seq_len=128)"
+    ]
 
 
 def test_recovery_quality_pools_the_test_sets_by_tokens_and_the_dev_sets_apart(monkeypatch):
@@ -504,6 +512,10 @@ def test_recovery_quality_cache_is_keyed_by_what_the_untrained_measurements_depe
     # The rewrite changes the rewritten model's key alone.
     other_plan = keys("parallelize.bypass=none")
     assert other_plan[0] == original and other_plan[1] != rewritten
+    # The length a run trains on changes neither while the blocks measured stay; the blocks change both.
+    assert keys("train.seq_len=256", "train.micro_batch_size=2", "eval.seq_len=128") == (original, rewritten)
+    longer = keys("eval.seq_len=256")
+    assert longer[0] != original and longer[1] != rewritten
     assert keys(other_sequences=8) != (original, rewritten)
     for changed in (sets["dev_domain"], model / "model.safetensors"):
         changed.write_bytes(b"changed")

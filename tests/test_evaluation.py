@@ -221,6 +221,13 @@ def test_a_run_measures_every_document_of_its_other_domain_text_and_names_the_ke
     assert result["other_domain"]["dataset"] == str(other)
     assert result["nll"] == pytest.approx(perplexity(model, heldout.tokens, progress=False)["nll"], rel=1e-6)
     assert any(line.startswith("cqil: out-of-domain perplexity, original: ") for line in lines)
+    # eval.seq_len: both sets in blocks of that length, whatever the run trains on.
+    raw["eval"]["seq_len"] = 12
+    longer = prepare_eval(recipe_from_dict(raw), "r.yaml", tokenizer)
+    tokens, labels = document_blocks(tokenizer, other, seq_len=12)
+    assert longer.tokens.shape[1] == 12 and heldout.tokens.shape[1] == 8
+    assert torch.equal(longer.other_domain[0], tokens) and longer.other_domain[1] == labels
+    del raw["eval"]["seq_len"]
     # A missing file, or text with no document of a whole block, is one error naming the key.
     for bad, message in ((tmp_path / "missing.jsonl", "no JSONL"), (tmp_path / "short.jsonl", "no document")):
         (tmp_path / "short.jsonl").write_text(json.dumps({"text": "a b"}) + "\n")

@@ -146,6 +146,12 @@ BAD_INPUT = {
         None,
         r"train\.seq_len: 4096 > .*max_position_embeddings 256",
     ),
+    "eval.seq_len above positions": (
+        ["eval.seq_len=512"],
+        None,
+        r"eval\.seq_len: 512 > .*max_position_embeddings 256",
+    ),
+    "eval.seq_len zero": (["eval.seq_len=0"], None, r"eval\.seq_len=0: must be >= 1"),
     "infinite lr": (["train.lr=.inf"], None, r"train\.lr=\.inf: must be a finite number"),
     "nan in a list": (["train.adam_betas=[.nan, 0.9]"], None, r"train\.adam_betas=.*finite number"),
     "override not a number": (["train.lr=abc"], None, r"<command line>: train\.lr=abc: expected a number"),

@@ -46,7 +46,7 @@ def prepare_eval(recipe: Recipe, source: str, tokenizer) -> HeldOut:
         tokenizer,
         data.train,
         data.eval,
-        seq_len=recipe.train.seq_len,
+        seq_len=recipe.eval_seq_len,
         num_sequences=recipe.eval.num_sequences,
         heldout_fraction=data.eval_fraction,
         source_field=data.source_field,
@@ -71,7 +71,7 @@ def prepare_eval(recipe: Recipe, source: str, tokenizer) -> HeldOut:
             heldout.other_domain = document_blocks(
                 tokenizer,
                 recipe.eval.other_domain,
-                seq_len=recipe.train.seq_len,
+                seq_len=recipe.eval_seq_len,
                 source_field=data.source_field,
                 text_field=data.text_field,
             )

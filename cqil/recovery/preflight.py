@@ -1,8 +1,9 @@
 """Checks a recovery run makes before any weights load or anything is written to ``output_dir``.
 
 From the model's config (read without weights) and the file system: the model exists and has a
-supported architecture, the groups fit it, ``train.seq_len`` fits its positions, and ``output_dir``
-is a writable folder that is new, empty, or a cqil run of the same recipe (:mod:`cqil.recovery.fingerprint`).
+supported architecture, the groups fit it, ``train.seq_len`` and ``eval.seq_len`` fit its positions,
+and ``output_dir`` is a writable folder that is new, empty, or a cqil run of the same recipe
+(:mod:`cqil.recovery.fingerprint`).
 Each failure is one :class:`cqil.errors.CqilError` naming the key, file or folder. :func:`check_run`
 returns what it found (:class:`CheckedRun`), which :func:`claim_run_folder` then acts on.
 """
@@ -85,12 +86,9 @@ def check_model(recipe: Recipe, source: str, config) -> None:
             ) from None
         check_plan(plan, recipe, source)
     positions = getattr(config, "max_position_embeddings", None)
-    if positions and recipe.train.seq_len > positions:
-        raise RecipeError(
-            source,
-            "train.seq_len",
-            f"{recipe.train.seq_len} > the model's max_position_embeddings {positions}",
-        )
+    for key, length in (("train.seq_len", recipe.train.seq_len), ("eval.seq_len", recipe.eval.seq_len)):
+        if positions and length and length > positions:
+            raise RecipeError(source, key, f"{length} > the model's max_position_embeddings {positions}")
 
 
 def check_plan(plan, recipe: Recipe, source: str) -> None:

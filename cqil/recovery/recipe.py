@@ -284,7 +284,13 @@ class DataConfig:
 class EvalConfig:
     """Held-out perplexity of the original, parallelized (or coalesced) and recovered models."""
 
-    num_sequences: int = _f(32, "held-out sequences of train.seq_len tokens", ge=1)
+    num_sequences: int = _f(32, "held-out sequences of eval.seq_len tokens", ge=1)
+    seq_len: int | None = _f(
+        None,
+        "tokens per block of the held-out and out-of-domain perplexities; null: train.seq_len (set it "
+        "to compare runs that train on different lengths on the same blocks)",
+        ge=1,
+    )
     other_domain: str | list[str] | None = _f(
         None,
         "text the run does not train on (local JSONL files, folders or globs): every document's "
@@ -334,6 +340,11 @@ class Recipe:
     eval: EvalConfig = _f(EvalConfig(), "the evaluation")
     export: ExportConfig = _f(ExportConfig(), "what the export writes besides the Hugging Face folder")
     output_dir: str = _f(doc="run folder: checkpoints/, logs/, the recovered state and eval.json")
+
+    @property
+    def eval_seq_len(self) -> int:
+        """Tokens per block of the held-out and out-of-domain perplexities."""
+        return self.eval.seq_len or self.train.seq_len
 
     def check(self, source: str) -> None:
         """Cross-field checks (raise :class:`RecipeError` naming the field)."""
