@@ -306,19 +306,21 @@ def reuse(cache: Path | None, key_of, measure, reused: list[str]):
 
 
 def end_with_parent(parent_pid: int) -> None:
-    """Linux: let this process be sent SIGTERM when ``parent_pid``, its parent, ends, however it ends.
+    """Linux: let this process be killed when ``parent_pid``, its parent, ends, however it ends.
 
     A bench killed from outside (a SIGKILL, a test's timeout) would otherwise leave its training run
-    holding both cores for up to an hour. Elsewhere a no-op.
+    holding both cores for up to an hour. SIGKILL, not SIGTERM: the trainer takes SIGTERM as a
+    scheduler's preemption notice (checkpoint at the next step, then go on to measure), and a run
+    whose bench is gone has nothing to keep (its folder is the bench's temporary one). Elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # it ended before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def child(args) -> None:

@@ -426,7 +426,9 @@ if sys.argv[1] == "parent":
 else:
     sys.path.insert(0, os.environ["BENCH_DIR"])
     import recovery_quality
+    from cqil.recovery.preemption import StopSignals
     recovery_quality.end_with_parent(int(sys.argv[2]))
+    StopSignals().install()  # as the trainer does: SIGTERM is a preemption notice, not an end
     print("ready", flush=True)
     time.sleep(120)
 """
