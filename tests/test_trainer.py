@@ -336,6 +336,25 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
     assert a["recovered"]["ppl"] == b["recovered"]["ppl"]
 
 
+def test_a_resume_with_other_eval_settings_measures_the_models_before_training_again(
+    tiny_model_dir, tmp_path
+):
+    part, fresh = tmp_path / "part", tmp_path / "fresh"
+    stop_after_first_checkpoint(tiny_recipe(tiny_model_dir, part))
+    first = json.loads((part / "eval_before.json").read_text())
+    assert first["measured_on"]["seq_len"] == 16
+    # eval.* is outside the fingerprint: the resume goes on, on 32-token blocks for all three models.
+    longer = {"seq_len": 32}
+    assert run(tiny_recipe(tiny_model_dir, part, eval=longer)) == 0
+    assert run(tiny_recipe(tiny_model_dir, fresh, eval=longer)) == 0
+    resumed = json.loads((part / "eval.json").read_text())
+    expected = json.loads((fresh / "eval.json").read_text())
+    for stage in ("original", "parallelized", "recovered"):
+        assert resumed[stage]["tokens"] == expected[stage]["tokens"] != first["original"]["tokens"]
+        assert resumed[stage]["ppl"] == pytest.approx(expected[stage]["ppl"], rel=1e-5)
+    assert json.loads((part / "eval_before.json").read_text())["measured_on"]["seq_len"] == 32
+
+
 def test_sigterm_checkpoints_and_exits_with_its_code(tiny_model_dir, tmp_path, monkeypatch):
     from cqil.recovery.stream import TokenStream
 

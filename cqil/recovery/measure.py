@@ -6,8 +6,10 @@ the recipe's ``eval`` settings, and return their results.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,10 @@ class HeldOut:
     task_manager: Any = None
     other_domain: tuple[torch.Tensor, list[str]] | None = None
     other_domain_name: str | None = None
+
+
+# The measurements before training, in output_dir: a resumed run reads them back (read_before).
+BEFORE = "eval_before.json"
 
 
 def before_label(mode: str) -> str:
@@ -79,6 +85,41 @@ def prepare_eval(recipe: Recipe, source: str, tokenizer) -> HeldOut:
             raise RecipeError(source, "eval.other_domain", str(e)) from None
         heldout.other_domain_name = ", ".join(recipe.eval.other_domain)
     return heldout
+
+
+def measured_on(recipe: Recipe) -> dict:
+    """The settings the measurements before training depend on besides the model: the ``eval`` keys
+    that choose the blocks and the tasks. They are outside the run's fingerprint (a resume may change
+    them), so a resumed run reuses its first attempt's measurements only where they match."""
+    e = recipe.eval
+    settings = {
+        "seq_len": recipe.eval_seq_len,
+        "num_sequences": e.num_sequences,
+        "other_domain": e.other_domain,
+        "tasks": e.tasks,
+        "task_paths": e.task_paths,
+        "task_limit": e.task_limit,
+        "num_fewshot": e.num_fewshot,
+    }
+    return json.loads(json.dumps(settings))  # as read back from disk
+
+
+def read_before(output_dir: Path, recipe: Recipe) -> dict | None:
+    """What a run's first attempt measured before training (written by :func:`write_before`), or None
+    when there is none or it was measured on other settings than ``recipe``'s."""
+    path = Path(output_dir) / BEFORE
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored if stored.pop("measured_on", None) == measured_on(recipe) else None
+
+
+def write_before(output_dir: Path, results: dict, recipe: Recipe) -> None:
+    from cqil.files import write_atomic
+
+    write_atomic(
+        Path(output_dir) / BEFORE, json.dumps(results | {"measured_on": measured_on(recipe)}, indent=1)
+    )
 
 
 def run_perplexity(model: nn.Module, heldout: HeldOut, *, batch_size: int, label: str, log: Log) -> dict:

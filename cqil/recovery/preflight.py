@@ -28,6 +28,7 @@ from cqil.errors import (
 )
 from cqil.recovery import checkpoint, fingerprint, run_lock
 from cqil.recovery.checkpoint import list_checkpoints
+from cqil.recovery.measure import BEFORE
 from cqil.recovery.progress import Log
 from cqil.recovery.recipe import Recipe
 from cqil.recovery.state import Processes
@@ -236,7 +237,7 @@ def claim_run_folder(output_dir: Path, checked: CheckedRun, processes: Processes
             elif changed:  # nothing was trained: what an earlier attempt measured belongs to the old recipe
                 event = {"restart": "no checkpoint yet", "changed": changed}
                 shutil.rmtree(out / "plan", ignore_errors=True)
-                (out / "eval_before.json").unlink(missing_ok=True)
+                (out / BEFORE).unlink(missing_ok=True)
             fingerprint.write_marker(out, new, previous=marker, event=event)
         for path in remove_stale(out):
             log(f"cqil: removed {path}, left by an interrupted run")

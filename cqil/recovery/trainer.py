@@ -20,7 +20,6 @@ every report; ``eval.json`` says ``"mode": "coalesce"``); the export is a plain 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from cqil.errors import RecipeError
-from cqil.recovery import checkpoint, preflight, progress, run_lock, sharded, student
+from cqil.recovery import checkpoint, measure, preflight, progress, run_lock, sharded, student
 from cqil.recovery.auto_plan import search_run_plan
 from cqil.recovery.checkpoint import (
     NonFiniteWeightsError,
@@ -77,6 +76,7 @@ class RecoveryTrainer:
         self.plan_search: dict | None = None  # groups: auto: where the plan search's report is
         self._progress: progress.TrainingProgress | None = None  # open while training
         self.resuming = False
+        self.reused_before: dict | None = None
         self.resume_from: Path | None = None  # the newest intact checkpoint of this run
         self.resume_changes: dict = {}  # train.resume=reset_optimizer: dotted key -> [old, new]
         self.trackers: list[str] = []
@@ -97,7 +97,7 @@ class RecoveryTrainer:
         self._evaluate_before(model, "original")
         model = self._setup_teacher_and_student(model)
         self._setup_optimizer()
-        if self.sharded and not self.resuming:  # deferred: only the engine runs partitioned weights
+        if self.sharded and self.reused_before is None:  # deferred: the engine runs partitioned weights
             mode = self.recipe.parallelize.mode
             self.results |= sharded.evaluate_before(
                 self.model, self.heldout, self.recipe.eval, mode=mode, log=self.log
@@ -179,15 +179,17 @@ class RecoveryTrainer:
     def _setup_eval(self) -> None:
         """The held-out sequences, and the lm-eval tasks checked (:func:`cqil.recovery.measure.prepare_eval`)."""
         self.heldout = prepare_eval(self.recipe, self.source, self.tokenizer)
+        # None: measured now (the models are still untrained), as when the first attempt's do not match.
+        self.reused_before = measure.read_before(self.output_dir, self.recipe) if self.resuming else None
 
     @property
     def eval_tokens(self) -> torch.Tensor:
         return self.heldout.tokens
 
     def _evaluate_before(self, model: nn.Module, stage: str) -> None:
-        """Perplexity (and lm-eval) of the original or the transformed model, on a run's first attempt."""
+        """Perplexity (and lm-eval) of the original or the transformed model, unless reused (a resume)."""
         settings = self.recipe.eval
-        if not settings.before or self.resuming or self.sharded:
+        if not settings.before or self.reused_before is not None or self.sharded:
             return
         # One key for "before training" in both modes, so their reports line up.
         label = "original" if stage == "original" else before_label(self.recipe.parallelize.mode)
@@ -281,11 +283,10 @@ class RecoveryTrainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(dump_recipe(self.recipe))
-        before = self.output_dir / "eval_before.json"
-        if self.resuming and before.is_file():  # measured by the first attempt of this run
-            self.results |= json.loads(before.read_text())
+        if self.reused_before is not None:  # measured by the first attempt of this run
+            self.results |= self.reused_before
         elif acc.is_main_process and self.results:
-            before.write_text(json.dumps(self.results, indent=1))
+            measure.write_before(self.output_dir, self.results, self.recipe)
 
     def _load_model(self):
         m, plugin = self.recipe.model, self.accelerator.state.deepspeed_plugin
