@@ -336,17 +336,22 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
     assert a["recovered"]["ppl"] == b["recovered"]["ppl"]
 
 
-def test_a_resume_with_other_eval_settings_measures_the_models_before_training_again(
-    tiny_model_dir, tmp_path
+def test_a_resume_reuses_what_was_measured_before_training_only_on_the_same_eval_settings(
+    tiny_model_dir, tmp_path, capsys
 ):
     part, fresh = tmp_path / "part", tmp_path / "fresh"
-    stop_after_first_checkpoint(tiny_recipe(tiny_model_dir, part))
+    stop_after_first_checkpoint(tiny_recipe(tiny_model_dir, part, max_steps=9))
     first = json.loads((part / "eval_before.json").read_text())
     assert first["measured_on"]["seq_len"] == 16
-    # eval.* is outside the fingerprint: the resume goes on, on 32-token blocks for all three models.
+    assert "held-out perplexity, original" in capsys.readouterr().err
+    # The same settings: the second attempt (stopped at its first checkpoint, step 6) measures nothing again.
+    stop_after_first_checkpoint(tiny_recipe(tiny_model_dir, part, max_steps=9))
+    assert "held-out perplexity, original" not in capsys.readouterr().err
+    # eval.* is outside the fingerprint: the third attempt goes on, on 32-token blocks for all three models.
     longer = {"seq_len": 32}
-    assert run(tiny_recipe(tiny_model_dir, part, eval=longer)) == 0
-    assert run(tiny_recipe(tiny_model_dir, fresh, eval=longer)) == 0
+    assert run(tiny_recipe(tiny_model_dir, part, eval=longer, max_steps=9)) == 0
+    assert "held-out perplexity, original" in capsys.readouterr().err
+    assert run(tiny_recipe(tiny_model_dir, fresh, eval=longer, max_steps=9)) == 0
     resumed = json.loads((part / "eval.json").read_text())
     expected = json.loads((fresh / "eval.json").read_text())
     for stage in ("original", "parallelized", "recovered"):
