@@ -14,7 +14,9 @@
   too (the paper's code runs the unfused layers and needs none).
 
 ``--variants`` also accepts ``ours_unfused`` (``ours`` with the losses computed from whole-batch logits)
-to separate the gain of the shared teacher from that of the chunked losses.
+to separate the gain of the shared teacher from that of the chunked losses, and ``ours_bf16`` (``ours``
+under bf16 autocast, as ``train.mixed_precision: bf16`` runs it; on a CPU with AMX or AVX512-BF16 its
+matmuls take the bf16 units).
 
 Fairness: every variant starts from the same weights and trains on the same batch with the same
 optimizer (AdamW over its trainable parameters, as the trainer builds it) and the same number of
@@ -54,7 +56,7 @@ import torch
 from _common import Timer, emit, median, ratio_of_medians
 
 VARIANTS = ("ours", "naive", "cqil_style")
-EXTRA_VARIANTS = ("ours_unfused",)
+EXTRA_VARIANTS = ("ours_unfused", "ours_bf16")
 DEFAULT_GROUPS = {"tiny": "2-6:2"}
 
 
@@ -118,8 +120,11 @@ def make_step(args, variant, device="cpu"):
         rm.adapters_outside_groups = variant == "cqil_style"
         rm.fused_head_losses = variant != "ours_unfused"
 
+        autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=variant == "ours_bf16")
+
         def loss_fn(ids):
-            return rm(ids)["loss"]
+            with autocast:  # as accelerate wraps the prepared model's forward
+                return rm(ids)["loss"]
 
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)  # as RecoveryTrainer builds it
 
@@ -274,7 +279,7 @@ def flops_per_token(args) -> dict:
         "cqil_style": {"student_forward": full, "teacher_forward": full, "backward": n * layer + head},
     }
     parts["naive"]["backward"] = parts["ours"]["backward"]
-    parts["ours_unfused"] = parts["ours"]
+    parts["ours_unfused"] = parts["ours_bf16"] = parts["ours"]
     out = {v: {k: 2 * x / 1e9 for k, x in p.items()} for v, p in parts.items()}
     for v in out:
         out[v]["total"] = sum(out[v].values())
@@ -374,6 +379,17 @@ def main() -> None:
         "flop_ratio_naive_over_ours": flops["naive"]["total"] / flops["ours"]["total"],
         "same_losses_ours_naive": gaps[0] < 1e-5,
         "rel_loss_gap_ours_naive": {"first_step": gaps[0], "max_over_steps": max(gaps)},
+        **(
+            {  # the first loss is before any update: how far bf16's rounding moves it
+                "speedup_bf16": ratio_of_medians(
+                    [x["seconds"] for x in rounds["ours"]], [x["seconds"] for x in rounds["ours_bf16"]]
+                ),
+                "rel_loss_gap_bf16_first_step": abs(ready["ours_bf16"]["loss"] - ready["ours"]["loss"])
+                / ready["ours"]["loss"],
+            }
+            if "ours_bf16" in variants
+            else {}
+        ),
         "gflop_per_token": flops,
         "runtime_mem_gb": ready["ours"]["runtime_gb"],
         **{key: {v: results[v][key] for v in variants} for key in next(iter(results.values()))},

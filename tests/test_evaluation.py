@@ -304,3 +304,24 @@ def test_the_local_tasks_record_their_chance_from_the_harness_run():
         assert results[name]["chance"] == pytest.approx(0.25)  # 4-way
     assert results["cqil_last_word"]["chance"] == 0.0
     assert {"acc", "perplexity"} <= results["cqil_last_word"].keys()
+
+
+def test_a_damaged_record_of_the_measurements_before_training_is_measured_again_and_named(tmp_path):
+    from cqil.recovery import measure
+    from cqil.recovery.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"parallelize": {"groups": "2-6:2"}, "output_dir": str(tmp_path)})
+    lines: list[str] = []
+    assert measure.read_before(tmp_path, recipe, lines.append) is None  # nothing measured yet
+    measure.write_before(tmp_path, {"original": {"ppl": 3.5}}, recipe)
+    assert measure.read_before(tmp_path, recipe, lines.append) == {"original": {"ppl": 3.5}}
+    other = recipe_from_dict({"parallelize": {"groups": "2-6:2"}, "eval": {"seq_len": 64}, "output_dir": "o"})
+    assert measure.read_before(tmp_path, other, lines.append) is None
+    assert not lines  # a record of other settings is expected after a change, not damage
+    path = tmp_path / measure.BEFORE
+    for damaged in (b'{"original": {"ppl": 3.', b"\xff\xfe\x00", b"[1, 2]"):
+        path.write_bytes(damaged)
+        assert measure.read_before(tmp_path, recipe, lines.append) is None
+        assert len(lines) == 1 and str(path) in lines.pop()
+    path.write_text('{"original": {"ppl": 3.5}}')  # written by a cqil that recorded no settings
+    assert measure.read_before(tmp_path, recipe, lines.append) is None and not lines

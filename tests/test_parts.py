@@ -33,6 +33,7 @@ class OneProcess:
     is_main_process: bool = True
     process_index: int = 0
     num_processes: int = 1
+    device: torch.device = torch.device("cpu")
 
     def wait_for_everyone(self) -> None:
         pass
@@ -233,6 +234,9 @@ def test_preflight_names_each_bad_input(tiny):
         preflight.check_run(
             recipe(tiny, parallelize={"groups": "2-12:2"}), "r.yaml", out, OneProcess(), Lines()
         )
+    fp16 = recipe(tiny, train={"mixed_precision": "fp16"})
+    with pytest.raises(RecipeError, match=r"train\.mixed_precision: fp16 needs a GPU"):
+        preflight.check_run(fp16, "r.yaml", out, OneProcess(), Lines())
     missing = recipe(tiny, eval={"other_domain": [str(tiny / "nope.jsonl")]})
     with pytest.raises(RecipeError, match=r"eval\.other_domain: no JSONL or Parquet files"):
         preflight.check_run(missing, "r.yaml", out, OneProcess(), Lines())

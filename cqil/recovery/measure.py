@@ -104,13 +104,25 @@ def measured_on(recipe: Recipe) -> dict:
     return json.loads(json.dumps(settings))  # as read back from disk
 
 
-def read_before(output_dir: Path, recipe: Recipe) -> dict | None:
+def read_before(output_dir: Path, recipe: Recipe, log: Log) -> dict | None:
     """What a run's first attempt measured before training (written by :func:`write_before`), or None
-    when there is none or it was measured on other settings than ``recipe``'s."""
+    when there is none, it was measured on other settings than ``recipe``'s, or it cannot be read.
+
+    The untrained models can always be measured again, so a damaged record costs minutes, not the run:
+    it is logged by path and replaced when the run writes its own."""
     path = Path(output_dir) / BEFORE
     if not path.is_file():
         return None
-    stored = json.loads(path.read_text())
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        stored, problem = None, f"{type(e).__name__}: {e}"
+    else:
+        problem = None if isinstance(stored, dict) else f"a JSON {type(stored).__name__}, not an object"
+    if problem:
+        log(f"cqil: {path} cannot be read ({problem}); measuring the untrained models again")
+        return None
+    # An older cqil recorded no settings: measured again, once.
     return stored if stored.pop("measured_on", None) == measured_on(recipe) else None
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cqil.errors import (
     DataError,
     DataNotFoundError,
@@ -138,6 +140,16 @@ def check_data(recipe: Recipe, source: str) -> None:
             raise RecipeError(source, "eval.other_domain", str(e)) from None
 
 
+def check_precision(recipe: Recipe, source: str, device: torch.device) -> None:
+    """fp16 autocast needs a GPU: on a CPU accelerate trains in float32 and says nothing (bf16 runs)."""
+    if recipe.train.mixed_precision == "fp16" and device.type == "cpu":
+        raise RecipeError(
+            source,
+            "train.mixed_precision",
+            "fp16 needs a GPU (on a CPU it trains in float32): use bf16 or no",
+        )
+
+
 def check_output_dir(output_dir: Path) -> None:
     """``output_dir`` must be (or be creatable as) a writable folder."""
     out = Path(output_dir)
@@ -200,6 +212,7 @@ def check_run(recipe: Recipe, source: str, output_dir: Path, processes: Processe
     check_gguf_export(recipe, source, config)
     check_output_dir(out)
     check_data(recipe, source)
+    check_precision(recipe, source, processes.device)
     checked = CheckedRun(config, fingerprint.run_fingerprint(recipe, processes.num_processes))
     checked.marker = marker = fingerprint.read_marker(out)
     if (

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 
 @dataclass
 class RunState:
@@ -29,5 +31,8 @@ class Processes(Protocol):
 
     @property
     def num_processes(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def wait_for_everyone(self) -> None: ...

@@ -180,7 +180,9 @@ class RecoveryTrainer:
         """The held-out sequences, and the lm-eval tasks checked (:func:`cqil.recovery.measure.prepare_eval`)."""
         self.heldout = prepare_eval(self.recipe, self.source, self.tokenizer)
         # None: measured now (the models are still untrained), as when the first attempt's do not match.
-        self.reused_before = measure.read_before(self.output_dir, self.recipe) if self.resuming else None
+        self.reused_before = (
+            measure.read_before(self.output_dir, self.recipe, self.log) if self.resuming else None
+        )
 
     @property
     def eval_tokens(self) -> torch.Tensor:
