@@ -120,10 +120,10 @@ def make_step(args, variant, device="cpu"):
         rm.adapters_outside_groups = variant == "cqil_style"
         rm.fused_head_losses = variant != "ours_unfused"
 
-        autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=variant == "ours_bf16")
-
         def loss_fn(ids):
-            with autocast:  # as accelerate wraps the prepared model's forward
+            if variant != "ours_bf16":
+                return rm(ids)["loss"]
+            with torch.autocast(torch.device(device).type, torch.bfloat16):  # as accelerate wraps forward
                 return rm(ids)["loss"]
 
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)  # as RecoveryTrainer builds it

@@ -200,11 +200,12 @@ def test_recovery_quality_scales_an_overridden_step_count_and_refuses_a_bad_over
     from cqil.recovery.recipe import load_recipe
 
     bench = bench_script("recovery_quality", monkeypatch)
-    recipe = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.warmup_steps=10"])
+    steps = ["train.max_steps=60", "train.warmup_steps=10"]
+    recipe = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.micro_batch_size=4", *steps])
     assert bench.scaled_overrides(recipe, 2, 60 * 512) == ["train.max_steps=120", "train.warmup_steps=20"]
     # Half the tokens a step: twice the steps for the same tokens, the schedule scaled alike.
-    half = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.micro_batch_size=2"])
-    assert bench.scaled_overrides(half, 1, 60 * 512) == ["train.max_steps=120", "train.warmup_steps=10"]
+    half = load_recipe(REPO / "recipes/smollm2_135m.yaml", ["train.micro_batch_size=2", *steps])
+    assert bench.scaled_overrides(half, 1, 60 * 512) == ["train.max_steps=120", "train.warmup_steps=20"]
     cmd = [sys.executable, "bench/recovery_quality.py", "--scales", "1", "--set", "train.lr=-1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -385,6 +386,18 @@ def test_recovery_step_puts_the_whole_step_on_the_device(variant, monkeypatch):
             assert tensor.device.type == "meta", f"{variant}: {name} stayed on {tensor.device}"
 
 
+def test_recovery_step_bf16_is_the_same_step_under_autocast(monkeypatch):
+    import argparse
+
+    recovery_step = bench_script("recovery_step", monkeypatch)
+    args = argparse.Namespace(model="tiny", groups="2-6:2", dtype="float32", lm_weight=0.5)
+    model, full, _ = recovery_step.make_step(args, "ours")
+    _, half, _ = recovery_step.make_step(args, "ours_bf16")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    a, b = full(ids), half(ids)  # the same weights (make_step seeds them) and batch
+    assert a != b and b == pytest.approx(a, rel=0.02)
+
+
 def test_recovery_quality_task_rows_give_the_share_of_the_margin_above_chance_kept(monkeypatch):
     bench = bench_script("recovery_quality", monkeypatch)
 
@@ -507,7 +520,7 @@ def test_recovery_quality_cache_is_keyed_by_what_the_untrained_measurements_depe
     original, rewritten = keys()
     assert original != rewritten and original["measured"] == "original"
     # What a run trains, and on what text, changes neither.
-    assert keys("train.lr=1e-3", "train.max_steps=7", "data.mixture={RedPajamaBook: 1.0}") == (
+    assert keys("train.lr=1e-3", "train.max_steps=17", "data.mixture={RedPajamaBook: 1.0}") == (
         original,
         rewritten,
     )
@@ -515,7 +528,7 @@ def test_recovery_quality_cache_is_keyed_by_what_the_untrained_measurements_depe
     other_plan = keys("parallelize.bypass=none")
     assert other_plan[0] == original and other_plan[1] != rewritten
     # The length a run trains on changes neither while the blocks measured stay; the blocks change both.
-    assert keys("train.seq_len=256", "train.micro_batch_size=2", "eval.seq_len=128") == (original, rewritten)
+    assert keys("train.seq_len=256", "train.micro_batch_size=1", "eval.seq_len=128") == (original, rewritten)
     longer = keys("eval.seq_len=256")
     assert longer[0] != original and longer[1] != rewritten
     assert keys(other_sequences=8) != (original, rewritten)
