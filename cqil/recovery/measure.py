@@ -115,12 +115,10 @@ def read_before(output_dir: Path, recipe: Recipe, log: Log) -> dict | None:
         return None
     try:
         stored = json.loads(path.read_text())
-    except ValueError as e:  # not JSON, or not UTF-8
-        stored, problem = None, f"{type(e).__name__}: {e}"
-    else:
-        problem = None if isinstance(stored, dict) else f"a JSON {type(stored).__name__}, not an object"
-    if problem:
-        log(f"cqil: {path} cannot be read ({problem}); measuring the untrained models again")
+        if not isinstance(stored, dict):
+            raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+    except ValueError as e:  # also not JSON, or not UTF-8
+        log(f"cqil: {path} cannot be read ({e}); measuring the untrained models again")
         return None
     # An older cqil recorded no settings: measured again, once.
     return stored if stored.pop("measured_on", None) == measured_on(recipe) else None
