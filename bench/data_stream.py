@@ -6,11 +6,12 @@ shipped sample's documents cycled, each prefixed with its record id so no two ar
 prints one JSON line per measurement and deletes the corpus:
 
 * ``throughput``: packed tokens per second of one rank's stream (read, filter, mix, tokenize,
-  pack) for the default recipe (``recipes/smollm2_135m.yaml``: its mixture, ``seq_len`` 128) and for
-  ``recipes/llama7b.yaml`` (its mixture, ``seq_len`` 2048), against what one trainer rank consumes:
+  pack) for the default recipe (``recipes/smollm2_135m.yaml``: the three of its six sources that carry
+  a RedPajama label, at its weights for them, ``seq_len`` 128) and for ``recipes/llama7b.yaml`` (its
+  mixture, ``seq_len`` 2048), against what one trainer rank consumes:
 
-  - default recipe on this CPU: 4 x 128 = 512 tokens per step, assuming 2 s per step (an upper bound
-    on its consumption: the recipe's whole run, 60 steps plus evaluation, takes about 9 minutes);
+  - default recipe on this CPU: 2 x 128 = 256 tokens per step, assuming 0.8 s per step (an upper bound
+    on its consumption: its 120 steps train in about 110 s on both cores, 0.9 s a step);
   - llama7b on 8 H100s: 2 x 8 x 2048 = 32,768 tokens per rank and step, assuming 3 s per step (ZeRO-2,
     bf16; a 7B distillation step of 262k tokens at about 40 % MFU), i.e. about 10,900 tokens/s per rank.
     The stream is measured here on this CPU with the SmolLM2 tokenizer (Llama-2's needs the Hub);
@@ -47,10 +48,10 @@ SOURCES = [
 ]
 RECIPES = {  # recipe: (mixture, seq_len, tokens a rank consumes per step, assumed seconds per step)
     "smollm2_135m (this CPU)": (
-        {"RedPajamaWikipedia": 0.4, "RedPajamaBook": 0.3, "RedPajamaGithub": 0.3},
+        {"RedPajamaWikipedia": 0.228, "RedPajamaBook": 0.152, "RedPajamaGithub": 0.152},
         128,
-        4 * 128,
-        2.0,
+        2 * 128,
+        0.8,
     ),
     "llama7b (8 x H100, per rank)": (
         {"RedPajamaCommonCrawl": 0.67, "RedPajamaC4": 0.15, "RedPajamaGithub": 0.045, "RedPajamaBook": 0.045,
