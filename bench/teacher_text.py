@@ -6,7 +6,7 @@ record per opening, in the sample's record shape with the source label ``Teacher
 ``data.mixture`` in proportion to its weight, in the file's order) followed by ``--new-tokens``
 tokens the recipe's model samples from its own distribution (temperature ``--temperature``, no
 top-k or top-p). A recipe trains on it with ``data.train=[data/sample/train.jsonl.gz, FILE]`` and a
-``Teacher`` weight in ``data.mixture``; README.md, "How much a recovery wins back", has what it did.
+``Teacher`` weight in ``data.mixture``; docs/recovery-quality.md has what it did.
 The output is a function of the seed, the model, the data and the torch build.
 
     python bench/teacher_text.py /tmp/teacher.jsonl.gz --documents 448
