@@ -166,6 +166,23 @@ def test_defaults_and_overrides():
     assert b.train.loss.kd == 1.0 and dataclasses.is_dataclass(b.train.loss)
 
 
+def test_an_unquoted_no_is_accelerates_no_mixed_precision(tmp_path):
+    """YAML 1.1 reads `no` as false; `train.mixed_precision: no` is what accelerate calls it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("parallelize:\n  groups: '2-6:2'\ntrain:\n  mixed_precision: no\noutput_dir: out\n")
+    assert load_recipe(recipe).train.mixed_precision == "no"
+    assert load_recipe(recipe, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    assert load_recipe(recipe, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    # It survives the round trip through the YAML the run writes (recipe.yaml).
+    loaded = load_recipe(recipe)
+    assert recipe_from_dict(recipe_to_dict(loaded)).train.mixed_precision == "no"
+    # Other booleans stay errors where a word is expected.
+    with pytest.raises(RecipeError, match=r"train\.mixed_precision=true: must be one of"):
+        load_recipe(recipe, ["train.mixed_precision=true"])
+    with pytest.raises(RecipeError, match=r"parallelize\.gates=no: must be one of .*got False"):
+        load_recipe(recipe, ["parallelize.gates=no"])
+
+
 @pytest.mark.parametrize(
     "override, path, message",
     [

@@ -569,6 +569,9 @@ def _convert(tp, value, path: str, source: str):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, source)
     if origin is Literal:
+        # YAML 1.1 reads an unquoted `no` as false; "no" is accelerate's word for no mixed precision.
+        if value is False and "no" in args:
+            value = "no"
         if value not in args:
             raise RecipeError(source, path, f"must be one of {', '.join(map(repr, args))}; got {value!r}")
         return value
